@@ -1,0 +1,66 @@
+# The one entry point for developers and CI: `make test` brings a fresh Debian machine from
+# nothing to a full run (venv, Debian packages for the real servers, lint, types, tests).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Touched after a successful `pip install -e .[dev]`; newer than pyproject.toml means up to date.
+STAMP := $(VENV)/.dev-installed
+
+# The real parts the tests run (docs/design.md, "Tests: real parts") and one binary proving
+# each package is there.
+DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux udev
+DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup udevadm
+
+.PHONY: test lint bench deps clean distclean
+
+test: lint deps
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check updater tests
+	$(BIN)/mypy
+
+bench: deps $(STAMP)
+	$(BIN)/python -m tests.bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Only as root and only when a binary is missing; `apt-get update` only if the install fails
+# (a fresh machine's package lists may be stale or empty). A temporary policy-rc.d keeps the
+# packages from starting system services: the tests start their own private servers.
+deps:
+	@missing=""; \
+	for bin in $(DEB_BINARIES); do \
+	    PATH="$$PATH:/usr/sbin:/sbin" command -v "$$bin" >/dev/null || missing="$$missing $$bin"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	    echo "missing:$$missing (not root: not installing; the tests needing them will skip)"; \
+	    exit 0; \
+	fi; \
+	echo "missing:$$missing; installing $(DEB_PACKAGES)"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	policy=/usr/sbin/policy-rc.d; own_policy=""; \
+	if [ ! -e "$$policy" ]; then \
+	    printf '#!/bin/sh\nexit 101\n' >"$$policy"; chmod 755 "$$policy"; own_policy=1; \
+	fi; \
+	apt_install() { apt-get install -y --no-install-recommends $(DEB_PACKAGES); }; \
+	status=0; apt_install || { apt-get update && apt_install; } || status=$$?; \
+	if [ -n "$$own_policy" ]; then rm -f "$$policy"; fi; \
+	exit $$status
+
+clean:
+	rm -rf .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info $(STAMP)
+	find updater tests -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,377 @@
+"""HTTPS transfer of one file with libcurl (pycurl), resumed with ``Range`` until it is whole.
+
+The resume contract: the receiver owns the offset. Each attempt asks for ``bytes=<offset>-``
+with ``If-Range`` set to the validator (ETag, else Last-Modified) of the first response, so a
+file that changed on the server comes back whole (200) instead of being spliced. Every answer is
+checked against the task before a body byte is accepted:
+
+====================  =====================================================================
+206                   Content-Range must start at our offset and end at the task's size
+200 to a range        the server ignored Range: skip the prefix we have, if unchanged
+200 with a new ETag   the file changed: start that file over (bounded by ``max_restarts``)
+416                   the server's file is shorter than the task says: fail
+5xx, 408, 429         transient: back off and resume
+other 3xx/4xx         fail (a presigned URL that expired will not heal by retrying)
+====================  =====================================================================
+
+Transient failures (cuts, resets, stalls under the low-speed limit, 5xx) are retried with capped
+exponential back-off; the retry budget counts consecutive attempts that brought no new byte,
+so a link that keeps dropping but keeps making progress is followed to the end.
+pycurl's errors become the project's errors in :func:`translate_error`, and only there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import pycurl
+
+from updater.config import DownloadConfig
+from updater.errors import DownloadError, RemoteChangedError, TransientDownloadError
+
+log = logging.getLogger("updater.fetch")
+
+#: libcurl error codes worth another attempt: the network, not the request, failed.
+TRANSIENT_CURL_ERRORS = frozenset(
+    {
+        pycurl.E_COULDNT_RESOLVE_HOST,  # DNS on a device coming online
+        pycurl.E_COULDNT_CONNECT,
+        pycurl.E_OPERATION_TIMEDOUT,  # includes the low-speed limit: a stall
+        pycurl.E_PARTIAL_FILE,  # the connection closed before Content-Length
+        pycurl.E_GOT_NOTHING,
+        pycurl.E_SEND_ERROR,
+        pycurl.E_RECV_ERROR,  # a reset
+        pycurl.E_SSL_CONNECT_ERROR,  # a reset during the handshake
+        getattr(pycurl, "E_HTTP2", 16),
+        getattr(pycurl, "E_HTTP2_STREAM", 92),
+    }
+)
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+
+
+class Receiver(Protocol):
+    """Takes the bytes of one file in order (see :class:`updater.stream.FileStream`)."""
+
+    offset: int
+
+    def write(self, data: bytes) -> None: ...
+
+    def checkpoint(self) -> int: ...
+
+    def restart(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How long to keep trying: an immutable value, so tests can make it fast."""
+
+    retries: int = 10
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    max_restarts: int = 3
+
+    @classmethod
+    def from_config(cls, cfg: DownloadConfig) -> RetryPolicy:
+        return cls(cfg.retries, cfg.backoff_initial, cfg.backoff_max, cfg.max_restarts)
+
+    def delay(self, failures: int) -> float:
+        """Back-off before attempt ``failures + 1``: doubling from the initial delay, capped."""
+        return float(min(self.backoff_max, self.backoff_initial * 2 ** max(0, failures - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class Validator:
+    """What identifies one version of the remote file (strong ETag preferred)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def if_range(self) -> str | None:
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    def differs(self, other: Validator) -> bool:
+        """True when both sides identify the file and the identities differ."""
+        if self.etag and other.etag:
+            return self.etag != other.etag
+        if self.last_modified and other.last_modified:
+            return self.last_modified != other.last_modified
+        return False
+
+
+@dataclass(slots=True)
+class FetchStats:
+    attempts: int = 0
+    bytes_received: int = 0  # body bytes received from the network, including discarded ones
+    bytes_discarded: int = 0  # body bytes skipped (a 200 answer to a range request)
+    restarts: int = 0  # times the file started over because it changed on the server
+
+
+def translate_error(
+    err: pycurl.error, *, url: str, offset: int, file_name: str | None
+) -> DownloadError:
+    """The one place where libcurl's error codes become the project's errors."""
+    code = err.args[0] if err.args else -1
+    text = err.args[1] if len(err.args) > 1 else str(err)
+    kind = TransientDownloadError if code in TRANSIENT_CURL_ERRORS else DownloadError
+    if code == pycurl.E_OPERATION_TIMEDOUT:
+        text = f"stalled or timed out ({text})"
+    elif code == pycurl.E_PEER_FAILED_VERIFICATION:
+        text = f"TLS verification failed ({text})"
+    return kind(f"curl error {code}: {text}", url=url, offset=offset, file_name=file_name)
+
+
+class Transfer:
+    """Fetches one URL into a receiver, resuming until ``size`` bytes have been accepted."""
+
+    def __init__(
+        self,
+        url: str,
+        size: int,
+        settings: DownloadConfig,
+        *,
+        file_name: str,
+        policy: RetryPolicy | None = None,
+        validator: Validator | None = None,
+        on_validator: Callable[[Validator], None] = lambda v: None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.url = url
+        self.size = size
+        self.settings = settings
+        self.file_name = file_name
+        self.policy = policy or RetryPolicy.from_config(settings)
+        self.validator = validator or Validator()
+        self.on_validator = on_validator
+        self.sleep = sleep
+        self.stats = FetchStats()
+        self._curl = self._make_curl()
+
+    def _make_curl(self) -> pycurl.Curl:
+        s = self.settings
+        c = pycurl.Curl()
+        c.setopt(pycurl.URL, self.url)
+        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.FOLLOWLOCATION, 1)
+        c.setopt(pycurl.MAXREDIRS, 5)
+        c.setopt(pycurl.SSL_VERIFYPEER, 1)
+        c.setopt(pycurl.SSL_VERIFYHOST, 2)
+        if s.ca_file:
+            c.setopt(pycurl.CAINFO, s.ca_file)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, int(s.connect_timeout * 1000))
+        c.setopt(pycurl.LOW_SPEED_LIMIT, s.low_speed_limit)
+        c.setopt(pycurl.LOW_SPEED_TIME, s.low_speed_time)
+        c.setopt(pycurl.NOSIGNAL, 1)
+        c.setopt(pycurl.ACCEPT_ENCODING, None)  # identity: the digest is over the raw bytes
+        c.setopt(pycurl.HTTP_CONTENT_DECODING, 0)
+        c.setopt(pycurl.USERAGENT, "rpi-ab-updater")
+        # Fewer, larger callbacks; libcurl caps this at its own maximum.
+        c.setopt(pycurl.BUFFERSIZE, 512 * 1024)
+        return c
+
+    def close(self) -> None:
+        self._curl.close()
+
+    def run(self, receiver: Receiver) -> FetchStats:
+        """Fetch until the receiver holds ``size`` bytes; raise DownloadError when out of budget."""
+        failures = 0
+        try:
+            while receiver.offset < self.size:
+                before = receiver.offset
+                try:
+                    self._attempt(receiver)
+                except RemoteChangedError as err:
+                    self.stats.restarts += 1
+                    if self.stats.restarts > self.policy.max_restarts:
+                        raise DownloadError(
+                            f"the file kept changing on the server ({self.stats.restarts} times)",
+                            url=self.url,
+                            offset=receiver.offset,
+                            file_name=self.file_name,
+                        ) from err
+                    log.warning("%s: %s; starting it over", self.file_name, err.message)
+                    receiver.restart()
+                    failures = 0
+                    continue
+                except TransientDownloadError as err:
+                    failures = 1 if receiver.offset > before else failures + 1
+                    if failures > self.policy.retries:
+                        raise DownloadError(
+                            f"gave up after {failures} attempts without progress: {err.message}",
+                            url=self.url,
+                            offset=receiver.offset,
+                            file_name=self.file_name,
+                        ) from err
+                    receiver.checkpoint()
+                    pause = self.policy.delay(failures)
+                    log.info(
+                        "%s: %s at byte %d; resuming in %.1f s",
+                        self.file_name,
+                        err.message,
+                        receiver.offset,
+                        pause,
+                    )
+                    self.sleep(pause)
+        finally:
+            self.close()
+        return self.stats
+
+    def _attempt(self, receiver: Receiver) -> None:
+        """One HTTP request from the receiver's offset."""
+        self.stats.attempts += 1
+        attempt = _Attempt(self, receiver)
+        c = self._curl
+        headers = []
+        if receiver.offset > 0:
+            c.setopt(pycurl.RANGE, f"{receiver.offset}-")
+            tag = self.validator.if_range()
+            if tag:
+                headers.append(f"If-Range: {tag}")
+        else:
+            c.setopt(pycurl.RANGE, None)
+        c.setopt(pycurl.HTTPHEADER, headers)
+        c.setopt(pycurl.HEADERFUNCTION, attempt.header)
+        c.setopt(pycurl.WRITEFUNCTION, attempt.body)
+        try:
+            c.perform()
+        except pycurl.error as err:
+            if attempt.failure is not None:
+                raise attempt.failure from None
+            raise translate_error(
+                err, url=self.url, offset=receiver.offset, file_name=self.file_name
+            ) from err
+        finally:
+            c.setopt(pycurl.HEADERFUNCTION, _ignore)
+            c.setopt(pycurl.WRITEFUNCTION, _ignore)
+        if attempt.failure is not None:
+            raise attempt.failure
+        attempt.check_status()  # a body-less answer (416, 503 with no body) lands here
+        if receiver.offset < self.size:
+            raise TransientDownloadError(
+                f"the connection ended at byte {receiver.offset} of {self.size}",
+                url=self.url,
+                offset=receiver.offset,
+                file_name=self.file_name,
+            )
+
+
+def _ignore(data: bytes) -> None:
+    return None
+
+
+class _Attempt:
+    """State of one request: its response headers and the decision taken on the first body byte."""
+
+    def __init__(self, transfer: Transfer, receiver: Receiver) -> None:
+        self.t = transfer
+        self.receiver = receiver
+        self.requested = receiver.offset
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.decided = False
+        self.skip = 0
+        self.failure: Exception | None = None
+
+    def error(self, message: str, kind: type[DownloadError] = DownloadError) -> DownloadError:
+        return kind(
+            message, url=self.t.url, offset=self.receiver.offset, file_name=self.t.file_name
+        )
+
+    def header(self, line: bytes) -> None:
+        text = line.decode("iso-8859-1").strip()
+        if text.upper().startswith("HTTP/"):
+            parts = text.split(None, 2)
+            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            self.headers = {}  # a new response (after a redirect or a 100)
+        elif ":" in text:
+            name, value = text.split(":", 1)
+            self.headers[name.strip().lower()] = value.strip()
+
+    def body(self, data: bytes) -> int | None:
+        try:
+            if not self.decided:
+                self.check_status()
+                self.decided = True
+            self.t.stats.bytes_received += len(data)
+            if self.skip:
+                dropped = min(self.skip, len(data))
+                self.skip -= dropped
+                self.t.stats.bytes_discarded += dropped
+                data = data[dropped:]
+                if not data:
+                    return None
+            self.receiver.write(data)
+        except Exception as err:  # kept with its own type: a full disk is not a download error
+            self.failure = err
+            return 0  # anything but len(data) makes libcurl abort with a write error
+        return None
+
+    def check_status(self) -> None:
+        """Judge the response before accepting its body; raise to refuse it."""
+        if self.decided:
+            return
+        status, size = self.status, self.t.size
+        if status in TRANSIENT_HTTP:
+            raise self.error(f"HTTP {status} from the server", TransientDownloadError)
+        if status == 416:
+            m = _UNSATISFIED_RANGE.search(self.headers.get("content-range", ""))
+            has = f" (the server has {m.group(1)} bytes)" if m else ""
+            raise self.error(
+                f"HTTP 416: range from byte {self.requested} refused; the task says "
+                f"{size} bytes{has}"
+            )
+        if status not in (200, 206):
+            raise self.error(f"HTTP {status} from the server")
+        fresh = Validator(self.headers.get("etag"), self.headers.get("last-modified"))
+        changed = self.t.validator.differs(fresh)
+        if status == 206:
+            self._check_partial(changed)
+        else:
+            self._check_whole(changed)
+        if fresh != self.t.validator and (fresh.etag or fresh.last_modified):
+            self.t.validator = fresh
+            self.t.on_validator(fresh)
+
+    def _check_partial(self, changed: bool) -> None:
+        m = _CONTENT_RANGE.search(self.headers.get("content-range", ""))
+        if not m:
+            raise self.error("HTTP 206 without a usable Content-Range")
+        first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+        if total != "*" and int(total) != self.t.size:
+            raise self.error(f"the server has {total} bytes, the task says {self.t.size}")
+        if first != self.requested or last != self.t.size - 1:
+            raise self.error(
+                f"asked for bytes {self.requested}-, the server sent {first}-{last}"
+            )
+        if changed:
+            # If-Range should have made this a 200; a server that ignores it still must not
+            # splice two versions of the file.
+            raise self.error("the file changed on the server", RemoteChangedError)
+
+    def _check_whole(self, changed: bool) -> None:
+        length = self.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) != self.t.size:
+            raise self.error(
+                f"the server sends {length} bytes (Content-Length), the task says {self.t.size}"
+            )
+        if self.requested == 0:
+            return
+        if changed:
+            raise self.error("the file changed on the server", RemoteChangedError)
+        # The server ignored our Range: the prefix we already hold comes again; drop it.
+        log.info(
+            "%s: the server answered 200 to a range request; skipping %d bytes",
+            self.t.file_name,
+            self.requested,
+        )
+        self.skip = self.requested
+

@@ -1,0 +1,301 @@
+"""The install engine: carries out an InstallPlan, resumably.
+
+Order of work, each step recorded in the journal before its side effect:
+
+1. stream every file into its sink (the inactive slot's part, a staging file beside a file
+   target, or a hook program's stdin), hashing on the fly, then verify the digest;
+2. clone the slot parts the package does not bring from the booted slot;
+3. apply: rename staged files over their destinations (the old content is kept until commit),
+   then run the post-install hooks. A failure here puts the old files back.
+
+Nothing the running system uses changes before step 3, so a failure in steps 1-2 leaves the
+device as it was. A killed process picks up from the journal: verified files are not fetched
+again, a partly written file re-hashes its durable prefix from the target and continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from updater.config import Config
+from updater.errors import UpdaterError, VerificationError, WriteError
+from updater.fetch import FetchStats, RetryPolicy, Transfer, Validator
+from updater.hooks import HookContext, HookStage, run_hook
+from updater.journal import Journal
+from updater.plan import CloneItem, FileItem, InstallPlan
+from updater.progress import Progress
+from updater.sinks import (
+    FileSink,
+    HookSink,
+    PartitionSink,
+    Sink,
+    apply_file,
+    discard_staging,
+    restore_file,
+    staging_path,
+)
+from updater.stream import FileStream
+
+log = logging.getLogger("updater.install")
+
+JOURNAL_VERSION = 1
+
+
+@dataclass(slots=True)
+class InstallResult:
+    task_id: str
+    slot: str | None
+    already_installed: bool = False
+    stats: dict[str, FetchStats] = field(default_factory=dict)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(s.bytes_received for s in self.stats.values())
+
+
+class Installer:
+    """Runs one plan. ``sleep`` is injectable so tests need not wait for back-off."""
+
+    def __init__(
+        self,
+        plan: InstallPlan,
+        config: Config,
+        progress: Progress,
+        *,
+        journal: Journal | None = None,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.config = config
+        self.progress = progress
+        self.journal = journal or Journal.open(Path(config.state_dir))
+        self.policy = policy or RetryPolicy.from_config(config.download)
+        self.sleep = sleep
+        self.result = InstallResult(plan.task.task_id, plan.slot)
+
+    # -- the whole run -------------------------------------------------------------------------
+
+    def run(self) -> InstallResult:
+        task = self.plan.task
+        if self._same_task() and self.journal.data.get("state") == "installed":
+            log.info("task %s is already installed in slot %s", task.task_id, self.plan.slot)
+            self.result.already_installed = True
+            self.progress.start()
+            self.progress.set_done(self.plan.total_bytes)
+            self.progress.done()
+            return self.result
+        if not self._same_task():
+            self._fresh_journal()
+        self.progress.start()
+        try:
+            for item in self.plan.items:
+                self._install_file(item)
+            for clone in self.plan.clones:
+                self._clone(clone)
+            self._apply()
+        except UpdaterError as err:
+            self._fail(err)
+            raise
+        self._set_state("installed")
+        self.progress.done()
+        return self.result
+
+    def _same_task(self) -> bool:
+        data = self.journal.data
+        return (
+            data.get("journal") == JOURNAL_VERSION
+            and data.get("task_id") == self.plan.task.task_id
+            and data.get("slot") == self.plan.slot
+        )
+
+    def _fresh_journal(self) -> None:
+        """A new task: whatever an older one left on the inactive slot is garbage now."""
+        for item in self.plan.items:
+            if item.dest is not None:
+                discard_staging(item.dest)
+        self.journal.reset(
+            {
+                "journal": JOURNAL_VERSION,
+                "task_id": self.plan.task.task_id,
+                "version": self.plan.task.version,
+                "slot": self.plan.slot,
+                "state": "download",
+                "files": {},
+            }
+        )
+
+    def _set_state(self, state: str, **extra: object) -> None:
+        self.journal.data["state"] = state
+        self.journal.data.update(extra)
+        self.journal.save()
+
+    def _fail(self, err: UpdaterError) -> None:
+        self.progress.failed(err.step, err.desc, err.file_name)
+        try:
+            self._set_state(
+                "failed", error={"step": err.step, "desc": err.desc, "file": err.file_name}
+            )
+        except UpdaterError:
+            log.exception("cannot record the failure in the journal")
+
+    # -- step 1: stream and verify -------------------------------------------------------------
+
+    def _context(self, item: FileItem, stage: HookStage) -> HookContext:
+        return HookContext(
+            task_id=self.plan.task.task_id,
+            version=self.plan.task.version,
+            file_name=item.spec.name,
+            target=item.target.name,
+            target_kind=item.target.kind,
+            device=item.device.path if item.device else str(item.dest or ""),
+            device_offset=item.device.offset if item.device else 0,
+            slot=self.plan.slot or "",
+            stage=stage,
+        )
+
+    def _install_file(self, item: FileItem) -> None:
+        spec = item.spec
+        record = self.journal.file(spec.name)
+        self.progress.begin_file(spec.name)
+        if record.get("verified"):
+            log.info("%s: verified earlier, not fetched again", spec.name)
+            self.progress.advance(spec.size)
+            return
+        if item.target.pre_install:
+            run_hook(
+                item.target.pre_install,
+                self._context(item, "pre-install"),
+                timeout=self.config.hooks.timeout,
+            )
+        sink = self._open_sink(item, record)
+        durable = int(record.get("durable", 0)) if sink.resumable else 0
+        validator = Validator(record.get("etag"), record.get("last_modified"))
+        dl = self.config.download
+        stream = FileStream(
+            sink,
+            size=spec.size,
+            digest_method=self.plan.task.digest_method,
+            buffer_size=dl.buffer_size,
+            fsync_interval=dl.fsync_interval,
+            file_name=spec.name,
+            on_durable=lambda n: self.journal.update_file(spec.name, durable=n),
+            on_bytes=self.progress.advance,
+        )
+        try:
+            stream.resume_from(durable)
+            if durable:
+                log.info("%s: resuming at byte %d of %d", spec.name, durable, spec.size)
+            transfer = Transfer(
+                spec.url,
+                spec.size,
+                dl,
+                file_name=spec.name,
+                policy=self.policy,
+                validator=validator if durable else None,
+                on_validator=lambda v: self.journal.update_file(
+                    spec.name, etag=v.etag, last_modified=v.last_modified
+                ),
+                **({"sleep": self.sleep} if self.sleep else {}),
+            )
+            self.result.stats[spec.name] = transfer.run(stream)
+            digest = stream.finish()
+            if digest != spec.digest:
+                self.journal.update_file(spec.name, durable=0)
+                sink.close()
+                if item.dest is not None:
+                    discard_staging(item.dest)
+                raise VerificationError(
+                    f"{self.plan.task.digest_method} digest mismatch: got {digest}, "
+                    f"the task says {spec.digest}",
+                    file_name=spec.name,
+                )
+            if isinstance(sink, HookSink):
+                sink.finish()
+        finally:
+            stream.close()
+            sink.close()
+        self.journal.update_file(spec.name, verified=True, durable=spec.size, digest=digest)
+        self.progress.file_verified(spec.name)
+
+    def _open_sink(self, item: FileItem, record: dict[str, Any]) -> Sink:
+        spec, target = item.spec, item.target
+        if item.device is not None:
+            return PartitionSink(item.device, file_name=spec.name, target=target.name)
+        if item.dest is not None:
+            fresh = not record.get("durable")
+            sink = FileSink(item.dest, file_name=spec.name, target=target.name, fresh=fresh)
+            if not fresh:
+                sink.truncate(int(record["durable"]))
+            return sink
+        assert item.program is not None
+        return HookSink(
+            item.program,
+            self._context(item, "install"),
+            timeout=self.config.hooks.timeout,
+            file_name=spec.name,
+            target=target.name,
+        )
+
+    # -- step 2: clone the parts the package does not bring ------------------------------------
+
+    def _clone(self, clone: CloneItem) -> None:
+        clones: dict[str, str] = self.journal.data.setdefault("clones", {})
+        if clones.get(clone.part) == "done":
+            return
+        what = f"clone of part {clone.part}"
+        log.info("%s: %s -> %s", what, clone.source.describe(), clone.dest.describe())
+        src = PartitionSink(clone.source, file_name=what, target=clone.part)
+        dst = PartitionSink(clone.dest, file_name=what, target=clone.part)
+        chunk = self.config.download.buffer_size
+        try:
+            offset = 0
+            while offset < clone.source.size:
+                data = src.read_at(offset, min(chunk, clone.source.size - offset))
+                if not data:
+                    raise WriteError(f"{clone.source.describe()} ended early", file_name=what)
+                dst.write_at(offset, memoryview(data))
+                offset += len(data)
+            dst.sync()
+        finally:
+            src.close()
+            dst.close()
+        clones[clone.part] = "done"
+        self.journal.save()
+
+    # -- step 3: apply -------------------------------------------------------------------------
+
+    def _apply(self) -> None:
+        self._set_state("applying")
+        applied: list[tuple[Path, bool]] = []
+        try:
+            for item in self.plan.items:
+                if item.dest is not None:
+                    applied.append((item.dest, self._apply_file(item)))
+            for item in self.plan.items:
+                if item.target.post_install:
+                    run_hook(
+                        item.target.post_install,
+                        self._context(item, "post-install"),
+                        timeout=self.config.hooks.timeout,
+                    )
+        except UpdaterError:
+            for dest, had_old in reversed(applied):
+                restore_file(dest, had_old=had_old)
+            raise
+
+    def _apply_file(self, item: FileItem) -> bool:
+        """Rename one staged file over its destination (idempotent across a restart)."""
+        assert item.dest is not None
+        record = self.journal.file(item.spec.name)
+        if "had_old" in record and not staging_path(item.dest).exists():
+            return bool(record["had_old"])  # renamed before a crash
+        self.journal.update_file(item.spec.name, had_old=os.path.lexists(item.dest))
+        had_old = apply_file(item.dest)
+        log.info("%s: installed %s", item.spec.name, item.dest)
+        return had_old

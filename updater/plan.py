@@ -1,0 +1,214 @@
+"""Task + configuration + this device -> an InstallPlan, with every check that can fail made
+before the first byte is written (RAUC's ``make_plans`` + ``pre_install_checks``).
+
+Nothing here writes. A plan names, for every file of the task, its target and where its bytes go;
+and, when the package brings only some parts of a slot, which parts are cloned from the booted
+slot so that the slot about to be tried is whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from updater.config import Config, TargetConfig, match_target
+from updater.errors import HookError, PlanError
+from updater.hooks import check_trusted
+from updater.slots import Device, booted_slot, in_use_reason, other_slot, resolve_part
+from updater.task import FileSpec, Task
+
+
+@dataclass(frozen=True, slots=True)
+class FileItem:
+    """One file of the task and where it goes."""
+
+    spec: FileSpec
+    target: TargetConfig
+    device: Device | None = None  # slot targets: the inactive slot's part
+    dest: Path | None = None  # file targets
+    program: str | None = None  # hook targets
+
+    @property
+    def where(self) -> str:
+        if self.device is not None:
+            return self.device.describe()
+        if self.dest is not None:
+            return str(self.dest)
+        return f"stdin of {self.program}"
+
+
+@dataclass(frozen=True, slots=True)
+class CloneItem:
+    """A slot part the package does not bring: copied from the booted slot."""
+
+    part: str
+    source: Device
+    dest: Device
+
+
+@dataclass(frozen=True, slots=True)
+class InstallPlan:
+    task: Task
+    booted: str | None  # None when the task has no slot targets and no slot could be told
+    slot: str | None  # the slot written (the inactive one), None when no slot part is touched
+    items: tuple[FileItem, ...]
+    clones: tuple[CloneItem, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.task.total_size
+
+    def describe(self) -> str:
+        lines = [f"task {self.task.task_id} version {self.task.version}"]
+        if self.slot:
+            lines.append(f"booted slot {self.booted}, installing into slot {self.slot}")
+        for item in self.items:
+            lines.append(
+                f"  {item.spec.name} ({item.spec.size} bytes) -> {item.target.kind} "
+                f"target {item.target.name}: {item.where}"
+            )
+        for clone in self.clones:
+            lines.append(
+                f"  clone part {clone.part}: {clone.source.describe()} -> {clone.dest.describe()}"
+            )
+        return "\n".join(lines)
+
+
+def make_plan(task: Task, config: Config) -> InstallPlan:
+    """Decide where every file goes and refuse, with PlanError, anything unsafe."""
+    targets = [_target_for(f, config) for f in task.files]
+    _refuse_shared_targets(task, targets)
+    uses_slot = any(t.kind == "slot" for t in targets)
+    booted = booted_slot(config) if uses_slot else None
+    slot = other_slot(booted) if booted else None
+    booted_parts = _resolve_slot(config, booted) if booted else {}
+    slot_parts = _resolve_slot(config, slot) if slot else {}
+
+    items = []
+    for spec, target in zip(task.files, targets, strict=True):
+        items.append(_plan_file(spec, target, config, slot_parts, booted_parts))
+        for hook in (target.pre_install, target.post_install):
+            if hook:
+                _check_hook(hook, spec.name)
+
+    clones = []
+    if slot:
+        brought = {t.part for t in targets if t.kind == "slot"}
+        for part, dest in slot_parts.items():
+            if part not in brought:
+                clones.append(_plan_clone(part, booted_parts[part], dest, config, booted_parts))
+    return InstallPlan(task, booted, slot, tuple(items), tuple(clones))
+
+
+def _target_for(spec: FileSpec, config: Config) -> TargetConfig:
+    target = match_target(config, spec.name)
+    if target is None:
+        raise PlanError(f"no target in {config.path} matches this file name", file_name=spec.name)
+    return target
+
+
+def _refuse_shared_targets(task: Task, targets: list[TargetConfig]) -> None:
+    seen: dict[str, str] = {}
+    for spec, target in zip(task.files, targets, strict=True):
+        if target.name in seen:
+            raise PlanError(
+                f"files {seen[target.name]!r} and {spec.name!r} both go to target {target.name!r}",
+                file_name=spec.name,
+            )
+        seen[target.name] = spec.name
+
+
+def _resolve_slot(config: Config, name: str) -> dict[str, Device]:
+    slot = config.slots[name]
+    return {part: resolve_part(spec) for part, spec in slot.parts.items()}
+
+
+def _overlaps(a: Device, b: Device) -> bool:
+    """Whether two devices share any byte (same node, or overlapping regions of one file)."""
+    if a.is_block and b.is_block and a.rdev is not None and a.rdev == b.rdev:
+        return True
+    try:
+        same = Path(a.path).samefile(b.path)
+    except OSError:
+        same = a.path == b.path
+    return same and a.offset < b.offset + b.size and b.offset < a.offset + a.size
+
+
+def _refuse_booted(device: Device, booted_parts: dict[str, Device], file_name: str) -> None:
+    for part, booted in booted_parts.items():
+        if _overlaps(device, booted):
+            raise PlanError(
+                f"{device.describe()} is part {part!r} of the booted slot: refusing to write it",
+                file_name=file_name,
+            )
+
+
+def _refuse_in_use(device: Device, config: Config, file_name: str) -> None:
+    reason = in_use_reason(device, config.system.mountinfo)
+    if reason:
+        raise PlanError(f"{device.describe()} is in use: {reason}", file_name=file_name)
+
+
+def _plan_file(
+    spec: FileSpec,
+    target: TargetConfig,
+    config: Config,
+    slot_parts: dict[str, Device],
+    booted_parts: dict[str, Device],
+) -> FileItem:
+    if target.kind == "slot":
+        assert target.part is not None
+        device = slot_parts.get(target.part)
+        if device is None:
+            raise PlanError(f"the slots have no part {target.part!r}", file_name=spec.name)
+        if spec.size > device.size:
+            raise PlanError(
+                f"{spec.size} bytes do not fit {device.describe()} ({device.size} bytes)",
+                file_name=spec.name,
+            )
+        _refuse_booted(device, booted_parts, spec.name)
+        _refuse_in_use(device, config, spec.name)
+        return FileItem(spec, target, device=device)
+    if target.kind == "file":
+        assert target.path is not None
+        return FileItem(spec, target, dest=_plan_dest(Path(target.path), spec))
+    assert target.program is not None
+    _check_hook(target.program, spec.name)
+    return FileItem(spec, target, program=target.program)
+
+
+def _plan_dest(dest: Path, spec: FileSpec) -> Path:
+    parent = dest.parent
+    if not parent.is_dir():
+        raise PlanError(f"directory {parent} of {dest} does not exist", file_name=spec.name)
+    if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+        raise PlanError(f"{dest} is not a regular file", file_name=spec.name)
+    st = os.statvfs(parent)
+    free = st.f_bavail * st.f_frsize
+    if spec.size > free:
+        raise PlanError(
+            f"{spec.size} bytes do not fit in {parent} ({free} bytes free)", file_name=spec.name
+        )
+    return dest
+
+
+def _plan_clone(
+    part: str, source: Device, dest: Device, config: Config, booted_parts: dict[str, Device]
+) -> CloneItem:
+    what = f"clone of part {part}"
+    if source.size > dest.size:
+        raise PlanError(
+            f"{what}: {source.describe()} ({source.size} bytes) does not fit "
+            f"{dest.describe()} ({dest.size} bytes)"
+        )
+    _refuse_booted(dest, booted_parts, what)
+    _refuse_in_use(dest, config, what)
+    return CloneItem(part, source, dest)
+
+
+def _check_hook(program: str, file_name: str) -> None:
+    try:
+        check_trusted(program)
+    except HookError as err:
+        raise PlanError(f"hook refused: {err.message}", file_name=file_name) from err

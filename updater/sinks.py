@@ -1,0 +1,283 @@
+"""Where one file's bytes land: a slot partition, a file beside its destination, a hook's stdin.
+
+Every sink writes at explicit offsets (``pwrite``), so the writer never depends on a file position
+that a crash could leave anywhere. ``sync`` makes everything written so far durable; the
+stream records an offset as durable only after ``sync`` returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+from typing import Protocol
+
+from updater.errors import WriteError
+from updater.hooks import HookContext, HookStream
+from updater.slots import Device
+
+
+class Sink(Protocol):
+    """A target that receives one file's bytes."""
+
+    #: Whether a restarted process may continue from a durable prefix (false for a pipe).
+    resumable: bool
+
+    def write_at(self, offset: int, data: memoryview) -> None: ...
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+    def sync(self) -> None: ...
+
+    def reset(self) -> None:
+        """Forget everything written: the file starts over from byte 0."""
+
+    def close(self) -> None: ...
+
+
+def _write_fully(fd: int, offset: int, data: memoryview) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written
+
+
+class PartitionSink:
+    """A slot part: a block device (opened O_EXCL, so the kernel refuses it while mounted) or a
+    region of an image file. Writes never leave ``[device.offset, device.offset + device.size)``.
+    """
+
+    resumable = True
+
+    def __init__(self, device: Device, *, file_name: str, target: str) -> None:
+        self.device = device
+        self.file_name = file_name
+        self.target = target
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if device.is_block:
+            flags |= os.O_EXCL
+        try:
+            self.fd = os.open(device.path, flags)
+        except OSError as err:
+            raise self._error("cannot open", err) from err
+
+    def _error(self, what: str, err: OSError) -> WriteError:
+        return WriteError(
+            f"{what} {self.device.describe()}: {err.strerror or err}",
+            file_name=self.file_name,
+            target=self.target,
+        )
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        if offset + len(data) > self.device.size:
+            raise WriteError(
+                f"write beyond the end of {self.device.describe()}",
+                file_name=self.file_name,
+                target=self.target,
+            )
+        try:
+            _write_fully(self.fd, self.device.offset + offset, data)
+        except OSError as err:
+            raise self._error("cannot write", err) from err
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, self.device.offset + offset)
+        except OSError as err:
+            raise self._error("cannot read back", err) from err
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as err:
+            raise self._error("cannot sync", err) from err
+
+    def reset(self) -> None:
+        """Nothing to undo: the bytes will be overwritten from offset 0."""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def staging_path(dest: Path) -> Path:
+    """The temporary file beside ``dest`` that receives the new content (same filesystem, so
+    that the final rename is atomic)."""
+    return dest.with_name(f".{dest.name}.rpi-updater-new")
+
+
+def kept_path(dest: Path) -> Path:
+    """Where the previous content of ``dest`` is kept until the update is committed."""
+    return dest.with_name(f".{dest.name}.rpi-updater-old")
+
+
+class FileSink:
+    """A named file target: the bytes go to a staging file beside the destination; the engine
+    renames it over the destination only once every file of the package is verified."""
+
+    resumable = True
+
+    def __init__(self, dest: Path, *, file_name: str, target: str, fresh: bool) -> None:
+        self.dest = dest
+        self.path = staging_path(dest)
+        self.file_name = file_name
+        self.target = target
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        if fresh:
+            flags |= os.O_TRUNC
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+        except OSError as err:
+            raise self._error("cannot create", err) from err
+
+    def _error(self, what: str, err: OSError) -> WriteError:
+        return WriteError(
+            f"{what} {self.path}: {err.strerror or err}",
+            file_name=self.file_name,
+            target=self.target,
+        )
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        try:
+            _write_fully(self.fd, offset, data)
+        except OSError as err:
+            raise self._error("cannot write", err) from err
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as err:
+            raise self._error("cannot read back", err) from err
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as err:
+            raise self._error("cannot sync", err) from err
+
+    def reset(self) -> None:
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError as err:
+            raise self._error("cannot truncate", err) from err
+
+    def truncate(self, size: int) -> None:
+        """Drop anything past ``size`` (left by an earlier, longer attempt)."""
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as err:
+            raise self._error("cannot truncate", err) from err
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def apply_file(dest: Path) -> bool:
+    """Move the verified staging file over ``dest``, keeping the old content as a hard link.
+
+    Returns whether an old content was kept. Mode and ownership of an existing destination carry
+    over to the new file. Every step is atomic and followed by a directory fsync.
+    """
+    from updater.journal import fsync_dir
+
+    new = staging_path(dest)
+    old = kept_path(dest)
+    kept = False
+    try:
+        try:
+            st = dest.stat()
+        except FileNotFoundError:
+            new.chmod(0o644)
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                raise WriteError(f"{dest} is not a regular file", target=str(dest))
+            os.chown(new, st.st_uid, st.st_gid)
+            new.chmod(stat.S_IMODE(st.st_mode))
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+            os.link(dest, old)
+            kept = True
+        fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        new.replace(dest)
+        fsync_dir(dest.parent)
+    except OSError as err:
+        raise WriteError(f"cannot install {dest}: {err.strerror or err}", target=str(dest)) from err
+    return kept
+
+
+def restore_file(dest: Path, *, had_old: bool) -> None:
+    """Undo :func:`apply_file`: the kept old content goes back, or a new file is removed."""
+    from updater.journal import fsync_dir
+
+    old = kept_path(dest)
+    try:
+        if had_old:
+            if old.exists():
+                old.replace(dest)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                dest.unlink()
+        fsync_dir(dest.parent)
+    except OSError as err:
+        raise WriteError(f"cannot restore {dest}: {err.strerror or err}", target=str(dest)) from err
+
+
+def discard_staging(dest: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        staging_path(dest).unlink()
+
+
+class HookSink:
+    """A hook target: bytes go to the program's stdin, strictly in order, from byte 0.
+
+    Not resumable across restarts: a restarted install feeds the program the whole file again.
+    """
+
+    resumable = False
+
+    def __init__(
+        self, program: str, ctx: HookContext, *, timeout: float, file_name: str, target: str
+    ) -> None:
+        self.program = program
+        self.ctx = ctx
+        self.timeout = timeout
+        self.file_name = file_name
+        self.target = target
+        self.position = 0
+        self.stream = HookStream.start(program, ctx, timeout)
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        if offset != self.position:
+            raise WriteError(
+                f"hook target {self.program} needs its bytes in order",
+                file_name=self.file_name,
+                target=self.target,
+            )
+        self.stream.write(data)
+        self.position += len(data)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        raise WriteError("a hook target cannot be read back", file_name=self.file_name)
+
+    def sync(self) -> None:
+        """A pipe has nothing to make durable."""
+
+    def reset(self) -> None:
+        self.stream.abort()
+        self.position = 0
+        self.stream = HookStream.start(self.program, self.ctx, self.timeout)
+
+    def finish(self) -> None:
+        self.stream.finish()
+
+    def close(self) -> None:
+        """Abort unless :meth:`finish` ran: the program never sees EOF for unverified bytes."""
+        self.stream.abort()

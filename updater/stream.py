@@ -1,0 +1,212 @@
+"""The path of one file's bytes from the network to its sink: buffer, hash, write, make durable.
+
+The download thread (libcurl's callbacks) only copies bytes into large buffers; a writer thread
+hashes each full buffer and writes it at its offset. hashlib and ``pwrite`` release the GIL, so
+TLS decryption, hashing and writing overlap on two cores. Buffers end on multiples of the
+buffer size, so writes stay aligned even after a resume from an odd offset.
+
+Every ``fsync_interval`` bytes (and at every checkpoint) the writer syncs the sink and reports the
+durable offset, which the engine records in the journal: after a power cut, the prefix up to that
+offset is known to be on the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from updater.errors import DownloadError, UpdaterError, WriteError
+
+if TYPE_CHECKING:
+    from updater.sinks import Sink
+
+READ_BACK_CHUNK = 4 << 20
+QUEUE_DEPTH = 4
+
+
+def new_hasher(method: str) -> hashlib._Hash:
+    return hashlib.md5(usedforsecurity=False) if method == "md5" else hashlib.sha256()
+
+
+class _Flush:
+    """A request to the writer thread: sync, then signal."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_Item = tuple[int, bytearray, int] | _Flush | None
+
+
+class FileStream:
+    """Receives one file's bytes in order and owns its offset, digest and durability.
+
+    ``write`` is called from the download thread; errors of the writer thread (a full disk, an
+    I/O error) surface on the next ``write`` or ``checkpoint``.
+    """
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        size: int,
+        digest_method: str,
+        buffer_size: int,
+        fsync_interval: int,
+        file_name: str,
+        on_durable: Callable[[int], None],
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        self.sink = sink
+        self.size = size
+        self.digest_method = digest_method
+        self.buffer_size = buffer_size
+        self.fsync_interval = fsync_interval
+        self.file_name = file_name
+        self.on_durable = on_durable
+        self.on_bytes = on_bytes
+        self.hasher = new_hasher(digest_method)
+        self.offset = 0  # bytes accepted (written or queued)
+        self.durable = 0  # bytes known to be on the sink after a sync
+        self._buf = bytearray(buffer_size)
+        self._fill = 0
+        self._buf_start = 0
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(QUEUE_DEPTH):
+            self._free.put(bytearray(buffer_size))
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._unsynced = 0
+        self._thread = threading.Thread(target=self._writer, name=f"writer:{file_name}")
+        self._thread.daemon = True
+        self._thread.start()
+
+    # -- download side -------------------------------------------------------------------------
+
+    def resume_from(self, durable: int) -> None:
+        """Continue after a restart: hash the prefix already durable on the sink."""
+        if durable <= 0 or not self.sink.resumable:
+            return
+        position = 0
+        while position < durable:
+            chunk = self.sink.read_at(position, min(READ_BACK_CHUNK, durable - position))
+            if not chunk:
+                raise WriteError(
+                    f"the target ends at {position} bytes, the journal says {durable}",
+                    file_name=self.file_name,
+                )
+            self.hasher.update(chunk)
+            position += len(chunk)
+        self.offset = self.durable = self._buf_start = durable
+        self.on_bytes(durable)
+
+    def write(self, data: bytes) -> None:
+        """Accept the next bytes of the file (called from libcurl's write callback)."""
+        if self._error is not None:
+            raise self._error
+        if self.offset + len(data) > self.size:
+            raise DownloadError(
+                f"the server sent more than the {self.size} bytes the task declares",
+                offset=self.offset,
+                file_name=self.file_name,
+            )
+        view = memoryview(data)
+        while view:
+            room = self._boundary() - (self._buf_start + self._fill)
+            take = min(room, len(view))
+            self._buf[self._fill : self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill and self._buf_start + self._fill == self._boundary():
+                self._submit()
+        self.offset += len(data)
+        self.on_bytes(len(data))
+
+    def _boundary(self) -> int:
+        """End of the current buffer: the next multiple of the buffer size (or the file end)."""
+        end = (self._buf_start // self.buffer_size + 1) * self.buffer_size
+        return min(end, self.size)
+
+    def _submit(self) -> None:
+        buf = self._buf
+        self._buf = self._free.get()
+        self._queue.put((self._buf_start, buf, self._fill))
+        self._buf_start += self._fill
+        self._fill = 0
+
+    def checkpoint(self) -> int:
+        """Write what is buffered, sync the sink, and return the durable offset."""
+        if self._fill:
+            self._submit()
+        flush = _Flush()
+        self._queue.put(flush)
+        flush.done.wait()
+        if self._error is not None:
+            raise self._error
+        return self.durable
+
+    def restart(self) -> None:
+        """Start the file over from byte 0 (it changed on the server)."""
+        self.checkpoint()
+        self.sink.reset()
+        self.hasher = new_hasher(self.digest_method)
+        self.on_bytes(-self.offset)
+        self.offset = self.durable = self._buf_start = 0
+        self.on_durable(0)
+
+    def finish(self) -> str:
+        """Make everything durable; return the hex digest of all bytes of the file."""
+        self.checkpoint()
+        return self.hasher.hexdigest()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    # -- writer thread -------------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, _Flush):
+                self._sync()
+                item.done.set()
+                continue
+            start, buf, length = item
+            if self._error is None:
+                try:
+                    view = memoryview(buf)[:length]
+                    self.hasher.update(view)
+                    self.sink.write_at(start, view)
+                    self._unsynced += length
+                    if self._unsynced >= self.fsync_interval:
+                        self._sync(start + length)
+                except BaseException as err:  # surfaced on the download thread
+                    self._error = err if isinstance(err, UpdaterError) else _wrap(err, self)
+            self._free.put(buf)
+
+    def _sync(self, offset: int | None = None) -> None:
+        if self._error is not None:
+            return
+        end = self._buf_start if offset is None else offset
+        try:
+            self.sink.sync()
+            self._unsynced = 0
+            if end != self.durable:
+                self.durable = end
+                self.on_durable(end)
+        except BaseException as err:
+            self._error = err if isinstance(err, UpdaterError) else _wrap(err, self)
+
+
+def _wrap(err: BaseException, stream: FileStream) -> WriteError:
+    wrapped = WriteError(f"writing failed: {err}", file_name=stream.file_name)
+    wrapped.__cause__ = err
+    return wrapped
