@@ -36,9 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     inst = sub.add_parser("install", help="install an update task from a JSON file")
     inst.add_argument("task", help="task JSON: an IoT Platform push, its data, or '-' for stdin")
-    inst.add_argument(
-        "--dry-run", action="store_true", help="print the plan and write nothing"
-    )
+    inst.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     inst.add_argument(
         "--progress",
         choices=("auto", "bar", "json", "none"),

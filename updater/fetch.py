@@ -349,9 +349,7 @@ class _Attempt:
         if total != "*" and int(total) != self.t.size:
             raise self.error(f"the server has {total} bytes, the task says {self.t.size}")
         if first != self.requested or last != self.t.size - 1:
-            raise self.error(
-                f"asked for bytes {self.requested}-, the server sent {first}-{last}"
-            )
+            raise self.error(f"asked for bytes {self.requested}-, the server sent {first}-{last}")
         if changed:
             # If-Range should have made this a 200; a server that ignores it still must not
             # splice two versions of the file.
@@ -374,4 +372,3 @@ class _Attempt:
             self.requested,
         )
         self.skip = self.requested
-

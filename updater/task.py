@@ -109,10 +109,7 @@ class Task:
             "version": self.version,
             "module": self.module,
             "digest_method": self.digest_method,
-            "files": [
-                {"name": f.name, "size": f.size, "digest": f.digest}
-                for f in self.files
-            ],
+            "files": [{"name": f.name, "size": f.size, "digest": f.digest} for f in self.files],
         }
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(_TASK_ID_DOMAIN + text.encode("ascii")).hexdigest()[:16]
