@@ -15,7 +15,7 @@ STAMP := $(VENV)/.dev-installed
 DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux udev
 DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup udevadm
 
-.PHONY: test lint bench deps clean distclean
+.PHONY: test lint bench demo deps clean distclean
 
 test: lint deps
 	$(BIN)/pytest -q
@@ -26,6 +26,9 @@ lint: $(STAMP)
 
 bench: deps $(STAMP)
 	$(BIN)/python -m tests.bench
+
+demo: deps $(STAMP)
+	$(BIN)/python -m tests.demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -7,7 +7,6 @@ Exit codes of ``install``: 0 done, 2 invalid task or configuration (nothing writ
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -73,17 +72,21 @@ def cmd_install(args: argparse.Namespace) -> int:
     from updater.plan import make_plan
     from updater.task import parse_task
 
-    task = parse_task(_read_task(args.task))
-    config = load_config(args.config)
-    plan = make_plan(task, config)
+    sinks = _progress_sinks(args.progress)
+    try:
+        task = parse_task(_read_task(args.task))
+        config = load_config(args.config)
+        plan = make_plan(task, config)
+    except UpdaterError as err:
+        # Refused before anything was written; a JSON consumer still gets its "failed" line.
+        Progress(0, sinks).failed(err.step, err.desc, err.file_name)
+        raise
     if args.dry_run:
         print(plan.describe())
         return 0
-    progress = Progress(plan.total_bytes, _progress_sinks(args.progress))
+    progress = Progress(plan.total_bytes, sinks)
     result = Installer(plan, config, progress).run()
-    if result.already_installed:
-        log.info("task %s was already installed; nothing to do", result.task_id)
-    else:
+    if not result.already_installed:
         log.info(
             "task %s installed%s: %d bytes received for %d bytes of files",
             result.task_id,
@@ -99,17 +102,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"install": cmd_insta
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # On a terminal a log line first clears the progress bar's line; the bar redraws below it.
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="rpi-updater: %(levelname)s: %(message)s",
+        format=f"{clear}rpi-updater: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
     try:
         return COMMANDS[args.command](args)
     except UpdaterError as err:
         log.error("%s (step %d)", err.desc, err.step)
-        if args.command == "install" and getattr(args, "progress", "") == "json":
-            print(json.dumps({"event": "error", "step": err.step, "desc": err.desc}), flush=True)
         return err.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")

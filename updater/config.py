@@ -9,7 +9,7 @@ A mistake found here costs one edit; the same mistake found while writing a slot
 :func:`parse_config` is pure (no I/O), so the checks are testable on plain data;
 :func:`load_config` adds reading the file and YAML. Nothing here touches the devices or paths
 named by the configuration: whether they exist, and who owns the hooks, is checked at run time.
-See ``docs/configuration.md`` for the format.
+See the "Configuration" section of README.md for the format.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ class Transfer:
         c.setopt(pycurl.HTTP_CONTENT_DECODING, 0)
         c.setopt(pycurl.USERAGENT, "rpi-ab-updater")
         # Fewer, larger callbacks; libcurl caps this at its own maximum.
-        c.setopt(pycurl.BUFFERSIZE, 512 * 1024)
+        c.setopt(pycurl.BUFFERSIZE, 128 * 1024)
         return c
 
     def close(self) -> None:

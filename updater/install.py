@@ -157,6 +157,7 @@ class Installer:
             device_offset=item.device.offset if item.device else 0,
             slot=self.plan.slot or "",
             stage=stage,
+            extra={"device_size": str(item.device.size)} if item.device else {},
         )
 
     def _install_file(self, item: FileItem) -> None:
@@ -228,10 +229,15 @@ class Installer:
         if item.device is not None:
             return PartitionSink(item.device, file_name=spec.name, target=target.name)
         if item.dest is not None:
-            fresh = not record.get("durable")
-            sink = FileSink(item.dest, file_name=spec.name, target=target.name, fresh=fresh)
-            if not fresh:
-                sink.truncate(int(record["durable"]))
+            durable = int(record.get("durable", 0))
+            staged = staging_path(item.dest)
+            if durable and (not staged.exists() or staged.stat().st_size < durable):
+                log.warning("%s: the staged file is gone or short; starting over", spec.name)
+                self.journal.update_file(spec.name, durable=0)
+                record["durable"] = durable = 0
+            sink = FileSink(item.dest, file_name=spec.name, target=target.name, fresh=not durable)
+            if durable:
+                sink.truncate(durable)
             return sink
         assert item.program is not None
         return HookSink(
@@ -250,7 +256,7 @@ class Installer:
             return
         what = f"clone of part {clone.part}"
         log.info("%s: %s -> %s", what, clone.source.describe(), clone.dest.describe())
-        src = PartitionSink(clone.source, file_name=what, target=clone.part)
+        src = PartitionSink(clone.source, file_name=what, target=clone.part, read_only=True)
         dst = PartitionSink(clone.dest, file_name=what, target=clone.part)
         chunk = self.config.download.buffer_size
         try:

@@ -50,12 +50,14 @@ class PartitionSink:
 
     resumable = True
 
-    def __init__(self, device: Device, *, file_name: str, target: str) -> None:
+    def __init__(
+        self, device: Device, *, file_name: str, target: str, read_only: bool = False
+    ) -> None:
         self.device = device
         self.file_name = file_name
         self.target = target
-        flags = os.O_RDWR | os.O_CLOEXEC
-        if device.is_block:
+        flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
+        if device.is_block and not read_only:
             flags |= os.O_EXCL
         try:
             self.fd = os.open(device.path, flags)

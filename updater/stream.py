@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from updater.sinks import Sink
 
 READ_BACK_CHUNK = 4 << 20
-QUEUE_DEPTH = 4
+QUEUE_DEPTH = 2
 
 
 def new_hasher(method: str) -> hashlib._Hash:

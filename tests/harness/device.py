@@ -98,6 +98,7 @@ def build_device(
     ca_file: Path,
     boot_size: int = 4 * MiB,
     root_size: int = 16 * MiB,
+    fill_booted: bool = True,
 ) -> Device:
     """Lay out bootA, bootB, rootA, rootB in one image and write a config for them."""
     root.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def build_device(
                 "partuuid": partuuid,
             }
     # Slot A is what "runs": a recognisable pattern that must never change.
-    for name in ("A.boot", "A.root"):
+    for name in ("A.boot", "A.root") if fill_booted else ():
         region = parts[name]
         pattern = hashlib.sha256(name.encode()).digest() * (region.size // 32)
         region.write(pattern)

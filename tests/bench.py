@@ -1,0 +1,178 @@
+"""``make bench``: the updater against the strongest plain pipeline, on the same device, same run.
+
+For each image size (1 GiB and 4 GiB by default; ``BENCH_SIZES_MIB=256,1024`` to change), an
+image that is half random, half zeros is served by nginx over HTTPS on 127.0.0.1 and written into
+the same loop device, alternately by:
+
+- the baseline: ``curl | tee >(sha256sum) | dd conv=fsync`` (what a shell script would do);
+- ``rpi-updater install`` (TLS verified, SHA-256 on the fly, fsync at watermarks, journal).
+
+Each is run ``BENCH_RUNS`` times (3 by default) and the medians are printed side by side with
+their ratio, plus the updater's CPU time and peak RSS. The machines are noisy: read the ratios.
+Needs root (loop devices) and about 2.5x the largest size in free disk space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.harness import LoopDevices, Nginx, make_tls_files
+from tests.harness.device import MiB, build_device, task_for
+
+CHUNK = 4 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    wall: float
+    cpu: float
+    rss_mib: float
+
+
+def make_image(path: Path, size: int) -> str:
+    """Half random, half zeros, in 4 MiB runs (like a filesystem image); returns the sha256."""
+    digest = hashlib.sha256()
+    zeros = bytes(CHUNK)
+    with path.open("wb") as f:
+        for i, start in enumerate(range(0, size, CHUNK)):
+            n = min(CHUNK, size - start)
+            block = os.urandom(n) if i % 2 == 0 else zeros[:n]
+            f.write(block)
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hwm_kib(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM), or 0 once it is gone."""
+    try:
+        with Path(f"/proc/{pid}/status").open() as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def timed(cmd: list[str], **kwargs: object) -> Run:
+    """Wall time, CPU time (user + system of the process tree) and peak RSS of one command.
+
+    The peak RSS is VmHWM sampled from /proc while the command runs: ``ru_maxrss`` would count
+    the benchmark's own memory, which a child inherits at fork-and-exec.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, **kwargs)  # type: ignore[call-overload]
+    peak = 0
+    while True:
+        peak = max(peak, _hwm_kib(proc.pid))
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.02)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {cmd[0]} failed with {proc.returncode}")
+    return Run(wall, usage.ru_utime + usage.ru_stime, peak / 1024)
+
+
+def baseline(url: str, ca: Path, device: Path, size: int) -> Run:
+    script = (
+        "set -euo pipefail; "
+        f"curl -sS --fail --cacert {ca} {url} "
+        "| tee >(sha256sum > /dev/null) "
+        f"| dd of={device} bs=1M iflag=fullblock conv=fsync status=none"
+    )
+    return timed(["bash", "-c", script])
+
+
+def median(runs: list[Run]) -> Run:
+    return Run(
+        statistics.median(r.wall for r in runs),
+        statistics.median(r.cpu for r in runs),
+        max(r.rss_mib for r in runs),
+    )
+
+
+def bench_size(size: int, runs: int, work: Path, nginx: Nginx, loops: LoopDevices) -> None:
+    name = f"rootfs-{size // MiB}.img"
+    image = nginx.root / name
+    print(f"== {size // MiB} MiB image (half random): preparing", flush=True)
+    sha256 = make_image(image, size)
+    dev_root = work / f"dev-{size // MiB}"
+    device = build_device(
+        dev_root, loops=loops, ca_file=nginx.ca_file, root_size=size, fill_booted=False
+    )
+    device.write_config(
+        download={
+            "ca_file": str(nginx.ca_file),
+            "buffer_size": 1 * MiB,
+            "fsync_interval": 64 * MiB,
+        }
+    )
+    target = device.parts["B.root"].path
+    task = device.task_file(task_for([(name, nginx.url(name), size, sha256)], version="bench"))
+    ours: list[Run] = []
+    theirs: list[Run] = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for i in range(runs):
+        theirs.append(baseline(nginx.url(name), nginx.ca_file, target, size))
+        shutil.rmtree(device.state_dir, ignore_errors=True)  # a fresh install every time
+        ours.append(
+            timed(
+                device.command("install", str(task), "--progress", "none"),
+                env=env,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        print(
+            f"   run {i + 1}: baseline {theirs[-1].wall:.2f} s, updater {ours[-1].wall:.2f} s",
+            flush=True,
+        )
+    got = hashlib.sha256()
+    with target.open("rb") as f:
+        remaining = size
+        while remaining:
+            block = f.read(min(CHUNK, remaining))
+            got.update(block)
+            remaining -= len(block)
+    assert got.hexdigest() == sha256, "the device does not hold the image"
+    b, u = median(theirs), median(ours)
+    mib = size / MiB
+    print(f"{'':28}{'wall s':>9}{'MiB/s':>9}{'CPU s':>9}{'peak RSS MiB':>14}")
+    print(f"{'curl|tee(sha256sum)|dd':28}{b.wall:9.2f}{mib / b.wall:9.0f}{b.cpu:9.2f}{'-':>14}")
+    print(
+        f"{'rpi-updater install':28}{u.wall:9.2f}{mib / u.wall:9.0f}{u.cpu:9.2f}{u.rss_mib:14.1f}"
+    )
+    print(f"ratio updater/baseline (wall): {u.wall / b.wall:.2f}  (target <= 1.10)")
+    print(f"ratio updater/baseline (CPU):  {u.cpu / b.cpu:.2f}", flush=True)
+    image.unlink()
+    loops.detach_all()
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("bench: needs root for loop devices", file=sys.stderr)
+        return 1
+    sizes = [int(s) * MiB for s in os.environ.get("BENCH_SIZES_MIB", "1024,4096").split(",")]
+    runs = int(os.environ.get("BENCH_RUNS", "3"))
+    with tempfile.TemporaryDirectory(prefix="rpi-bench-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        tls = make_tls_files(work / "tls")
+        with Nginx(work / "www", tls, work / "nginx") as nginx, LoopDevices() as loops:
+            for size in sizes:
+                bench_size(size, runs, work, nginx, loops)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
