@@ -477,3 +477,31 @@ def test_kill_9_five_times_then_resume(
     ranges = {(r.path, r.headers.get("range")) for r in fault_proxy.requests}
     for path, durable in resume_points:
         assert (path, f"bytes={durable}-") in ranges, f"{path} resumed from byte {durable}"
+
+
+def test_a_second_install_while_one_runs_is_refused(
+    image_device: Device, docroot: Docroot, fault_proxy: FaultProxy
+) -> None:
+    import subprocess
+    import time
+
+    boot = docroot.add_random(2 * MiB, name="boot.img")
+    fault_proxy.script(Fault(stall_after=1 * MiB, stall_seconds=3))
+    task = image_device.task_file(task_for([entry(boot, fault_proxy.url(boot.name))]))
+    first = subprocess.Popen(
+        image_device.command("install", str(task)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not fault_proxy.requests:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        second = image_device.run("install", str(task))
+        assert second.returncode == 1
+        assert f"another rpi-updater (pid {first.pid}) is installing" in second.stderr
+    finally:
+        assert first.wait(timeout=30) == 0
+    assert image_device.parts["B.boot"].read(boot.size) == boot.read_bytes()

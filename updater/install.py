@@ -26,7 +26,7 @@ from updater.config import Config
 from updater.errors import UpdaterError, VerificationError, WriteError
 from updater.fetch import FetchStats, RetryPolicy, Transfer, Validator
 from updater.hooks import HookContext, HookStage, run_hook
-from updater.journal import Journal
+from updater.journal import Journal, StateLock
 from updater.plan import CloneItem, FileItem, InstallPlan
 from updater.progress import Progress
 from updater.sinks import (
@@ -82,6 +82,11 @@ class Installer:
     # -- the whole run -------------------------------------------------------------------------
 
     def run(self) -> InstallResult:
+        with StateLock(Path(self.config.state_dir)):
+            self.journal.reload()
+            return self._run()
+
+    def _run(self) -> InstallResult:
         task = self.plan.task
         if self._same_task() and self.journal.data.get("state") == "installed":
             log.info("task %s is already installed in slot %s", task.task_id, self.plan.slot)

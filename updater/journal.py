@@ -78,10 +78,16 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        loaded = read_json(path)
+        self.data: dict[str, Any] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the document again (another process may have written it before we took the lock)."""
+        loaded = read_json(self.path)
         if loaded is not None and not isinstance(loaded, dict):
-            raise StateError(f"{path} does not hold a JSON object")
-        self.data: dict[str, Any] = loaded or {}
+            raise StateError(f"{self.path} does not hold a JSON object")
+        with self._lock:
+            self.data = loaded or {}
 
     @classmethod
     def open(cls, state_dir: Path, name: str = "journal.json") -> Journal:
@@ -111,3 +117,47 @@ class Journal:
         with self._lock:
             record: dict[str, Any] = dict(self.data.get("files", {}).get(name, {}))
             return record
+
+
+class StateLock:
+    """An exclusive lock on the state directory: one install at a time per device.
+
+    ``flock`` is released by the kernel when the process dies, so a kill -9 never leaves a stale
+    lock behind; the file holds the owner's pid only to name it in the error.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "lock"
+        self.fd = -1
+
+    def acquire(self) -> None:
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise StateError(f"cannot open {self.path}: {err.strerror or err}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateError(
+                f"another rpi-updater (pid {owner}) is installing; {self.path} is locked"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> StateLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
