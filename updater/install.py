@@ -160,7 +160,7 @@ class Installer:
             target_kind=item.target.kind,
             device=item.device.path if item.device else str(item.dest or ""),
             device_offset=item.device.offset if item.device else 0,
-            slot=self.plan.slot or "",
+            slot=(self.plan.slot or "") if item.target.kind == "slot" else "",
             stage=stage,
             extra={"device_size": str(item.device.size)} if item.device else {},
         )
@@ -283,11 +283,11 @@ class Installer:
 
     def _apply(self) -> None:
         self._set_state("applying")
-        applied: list[tuple[Path, bool]] = []
+        applied: list[tuple[FileItem, bool]] = []
         try:
             for item in self.plan.items:
                 if item.dest is not None:
-                    applied.append((item.dest, self._apply_file(item)))
+                    applied.append((item, self._apply_file(item)))
             for item in self.plan.items:
                 if item.target.post_install:
                     run_hook(
@@ -296,15 +296,20 @@ class Installer:
                         timeout=self.config.hooks.timeout,
                     )
         except UpdaterError:
-            for dest, had_old in reversed(applied):
-                restore_file(dest, had_old=had_old)
+            for item, had_old in reversed(applied):
+                assert item.dest is not None
+                restore_file(item.dest, had_old=had_old)
+                # The new content is gone with the rename: a rerun must fetch the file again.
+                self.journal.update_file(
+                    item.spec.name, verified=False, durable=0, had_old=None, digest=None
+                )
             raise
 
     def _apply_file(self, item: FileItem) -> bool:
         """Rename one staged file over its destination (idempotent across a restart)."""
         assert item.dest is not None
         record = self.journal.file(item.spec.name)
-        if "had_old" in record and not staging_path(item.dest).exists():
+        if record.get("had_old") is not None and not staging_path(item.dest).exists():
             return bool(record["had_old"])  # renamed before a crash
         self.journal.update_file(item.spec.name, had_old=os.path.lexists(item.dest))
         had_old = apply_file(item.dest)
