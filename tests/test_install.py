@@ -204,9 +204,33 @@ def test_a_file_that_changed_on_the_server_starts_over(
     assert result.returncode == 0, result.stderr
     assert image_device.parts["B.boot"].read(new.size) == new.read_bytes()
     fault_proxy.wait_idle()
-    second = fault_proxy.requests[1]
-    assert second.headers.get("if-range"), "the resume carried If-Range"
+    requests = fault_proxy.requests
+    assert requests[1].headers.get("if-range"), "the resume carried If-Range"
+    # nginx answered the stale If-Range with the whole new file: taken as it came, no 3rd request.
+    assert len(requests) == 2 and requests[1].status == 200
+    assert fault_proxy.body_bytes_total == 600_000 + new.size
     assert old.read_bytes() != new.read_bytes()
+
+
+def test_a_200_to_a_range_without_validators_is_taken_from_byte_0(
+    image_device: Device, docroot: Docroot, fault_proxy: FaultProxy
+) -> None:
+    """Without ETag or Last-Modified nothing proves the prefix is the same file: never splice."""
+    boot = docroot.add_random(2 * MiB, name="boot.img")
+    fault_proxy.script(
+        Fault(strip_validators=True, cut_after=700_000),
+        Fault(strip_validators=True, strip_range=True),
+    )
+    task = task_for([entry(boot, fault_proxy.url(boot.name))])
+
+    result = image_device.run("install", str(image_device.task_file(task)))
+
+    assert result.returncode == 0, result.stderr
+    assert image_device.parts["B.boot"].read(boot.size) == boot.read_bytes()
+    assert "taking it from byte 0" in result.stderr
+    fault_proxy.wait_idle()
+    assert fault_proxy.requests[1].headers.get("range") == "bytes=700000-"
+    assert "if-range" not in fault_proxy.requests[1].headers
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,12 @@ class DownloadError(UpdaterError):
 
 
 class TransientDownloadError(DownloadError):
-    """A failure that another attempt may cure: a cut, a stall, a reset, a 5xx."""
+    """A failure that another attempt may cure: a cut, a stall, a reset, a 5xx.
+
+    ``retry_after`` carries the server's Retry-After (seconds) when it sent one.
+    """
+
+    retry_after: float | None = None
 
 
 class RemoteChangedError(DownloadError):

@@ -23,10 +23,12 @@ pycurl's errors become the project's errors in :func:`translate_error`, and only
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import pycurl
@@ -52,6 +54,7 @@ TRANSIENT_CURL_ERRORS = frozenset(
     }
 )
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 
@@ -81,9 +84,14 @@ class RetryPolicy:
     def from_config(cls, cfg: DownloadConfig) -> RetryPolicy:
         return cls(cfg.retries, cfg.backoff_initial, cfg.backoff_max, cfg.max_restarts)
 
-    def delay(self, failures: int) -> float:
-        """Back-off before attempt ``failures + 1``: doubling from the initial delay, capped."""
-        return float(min(self.backoff_max, self.backoff_initial * 2 ** max(0, failures - 1)))
+    def delay(self, failures: int, *, jitter: float = 1.0) -> float:
+        """Back-off before attempt ``failures + 1``: doubling from the initial delay, capped.
+
+        ``jitter`` in [0.5, 1] scales it, so that a fleet that lost its server at the same moment
+        does not come back in lockstep.
+        """
+        exponent = min(max(0, failures - 1), 62)
+        return min(self.backoff_max, self.backoff_initial * 2.0**exponent) * jitter
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +174,13 @@ class Transfer:
         c.setopt(pycurl.SSL_VERIFYPEER, 1)
         c.setopt(pycurl.SSL_VERIFYHOST, 2)
         if s.ca_file:
+            # Pin: only this bundle. Debian's libcurl also trusts CAPATH=/etc/ssl/certs by
+            # default, which would let any public CA vouch for the update server.
             c.setopt(pycurl.CAINFO, s.ca_file)
+            c.unsetopt(pycurl.CAPATH)
+        elif Path(SYSTEM_CA_BUNDLE).is_file():
+            # The system trust store; a libcurl built elsewhere (a wheel) may look for another path.
+            c.setopt(pycurl.CAINFO, SYSTEM_CA_BUNDLE)
         c.setopt(pycurl.CONNECTTIMEOUT_MS, int(s.connect_timeout * 1000))
         c.setopt(pycurl.LOW_SPEED_LIMIT, s.low_speed_limit)
         c.setopt(pycurl.LOW_SPEED_TIME, s.low_speed_time)
@@ -212,7 +226,9 @@ class Transfer:
                             file_name=self.file_name,
                         ) from err
                     receiver.checkpoint()
-                    pause = self.policy.delay(failures)
+                    pause = self.policy.delay(failures, jitter=random.uniform(0.5, 1.0))  # noqa: S311
+                    if err.retry_after is not None:
+                        pause = min(max(pause, err.retry_after), self.policy.backoff_max)
                     log.info(
                         "%s: %s at byte %d; resuming in %.1f s",
                         self.file_name,
@@ -238,7 +254,10 @@ class Transfer:
                 headers.append(f"If-Range: {tag}")
         else:
             c.setopt(pycurl.RANGE, None)
-        c.setopt(pycurl.HTTPHEADER, headers)
+        if headers:
+            c.setopt(pycurl.HTTPHEADER, headers)
+        else:
+            c.unsetopt(pycurl.HTTPHEADER)  # setopt with [] would keep the previous list
         c.setopt(pycurl.HEADERFUNCTION, attempt.header)
         c.setopt(pycurl.WRITEFUNCTION, attempt.body)
         try:
@@ -255,13 +274,14 @@ class Transfer:
         if attempt.failure is not None:
             raise attempt.failure
         attempt.check_status()  # a body-less answer (416, 503 with no body) lands here
-        if receiver.offset < self.size:
+        if receiver.offset < attempt.promised_end:
             raise TransientDownloadError(
                 f"the connection ended at byte {receiver.offset} of {self.size}",
                 url=self.url,
                 offset=receiver.offset,
                 file_name=self.file_name,
             )
+        # A 206 may cover less than asked (RFC 9110): the loop asks for the rest at once.
 
 
 def _ignore(data: bytes) -> None:
@@ -275,11 +295,13 @@ class _Attempt:
         self.t = transfer
         self.receiver = receiver
         self.requested = receiver.offset
+        self.promised_end = transfer.size  # where this response's body ends in the file
         self.status = 0
         self.headers: dict[str, str] = {}
         self.decided = False
         self.skip = 0
-        self.failure: Exception | None = None
+        self.start_over = False
+        self.failure: BaseException | None = None
 
     def error(self, message: str, kind: type[DownloadError] = DownloadError) -> DownloadError:
         return kind(
@@ -301,6 +323,8 @@ class _Attempt:
             if not self.decided:
                 self.check_status()
                 self.decided = True
+                if self.start_over:
+                    self._start_over()
             self.t.stats.bytes_received += len(data)
             if self.skip:
                 dropped = min(self.skip, len(data))
@@ -310,8 +334,8 @@ class _Attempt:
                 if not data:
                     return None
             self.receiver.write(data)
-        except Exception as err:  # kept with its own type: a full disk is not a download error
-            self.failure = err
+        except BaseException as err:  # kept with its type (a full disk is not a download error,
+            self.failure = err  # Ctrl-C is Ctrl-C) and raised again once libcurl returned
             return 0  # anything but len(data) makes libcurl abort with a write error
         return None
 
@@ -321,7 +345,16 @@ class _Attempt:
             return
         status, size = self.status, self.t.size
         if status in TRANSIENT_HTTP:
-            raise self.error(f"HTTP {status} from the server", TransientDownloadError)
+            err = TransientDownloadError(
+                f"HTTP {status} from the server",
+                url=self.t.url,
+                offset=self.receiver.offset,
+                file_name=self.t.file_name,
+            )
+            after = self.headers.get("retry-after", "")
+            if after.isdigit():
+                err.retry_after = float(after)
+            raise err
         if status == 416:
             m = _UNSATISFIED_RANGE.search(self.headers.get("content-range", ""))
             has = f" (the server has {m.group(1)} bytes)" if m else ""
@@ -336,7 +369,7 @@ class _Attempt:
         if status == 206:
             self._check_partial(changed)
         else:
-            self._check_whole(changed)
+            self._check_whole(fresh, changed)
         if fresh != self.t.validator and (fresh.etag or fresh.last_modified):
             self.t.validator = fresh
             self.t.on_validator(fresh)
@@ -348,14 +381,15 @@ class _Attempt:
         first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
         if total != "*" and int(total) != self.t.size:
             raise self.error(f"the server has {total} bytes, the task says {self.t.size}")
-        if first != self.requested or last != self.t.size - 1:
+        if first != self.requested or not first <= last < self.t.size:
             raise self.error(f"asked for bytes {self.requested}-, the server sent {first}-{last}")
         if changed:
             # If-Range should have made this a 200; a server that ignores it still must not
             # splice two versions of the file.
             raise self.error("the file changed on the server", RemoteChangedError)
+        self.promised_end = last + 1
 
-    def _check_whole(self, changed: bool) -> None:
+    def _check_whole(self, fresh: Validator, changed: bool) -> None:
         length = self.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) != self.t.size:
             raise self.error(
@@ -363,12 +397,31 @@ class _Attempt:
             )
         if self.requested == 0:
             return
-        if changed:
-            raise self.error("the file changed on the server", RemoteChangedError)
-        # The server ignored our Range: the prefix we already hold comes again; drop it.
+        comparable = bool(
+            (fresh.etag and self.t.validator.etag)
+            or (fresh.last_modified and self.t.validator.last_modified)
+        )
+        if changed or not comparable:
+            # The whole file comes anyway: take it from byte 0 rather than splice it onto a
+            # prefix that may belong to another version.
+            self.start_over = True
+            return
+        # The server ignored our Range for the same file: the prefix comes again; drop it.
         log.info(
             "%s: the server answered 200 to a range request; skipping %d bytes",
             self.t.file_name,
             self.requested,
         )
         self.skip = self.requested
+
+    def _start_over(self) -> None:
+        stats = self.t.stats
+        stats.restarts += 1
+        if stats.restarts > self.t.policy.max_restarts:
+            raise self.error(f"the file kept changing on the server ({stats.restarts} times)")
+        log.warning(
+            "%s: the server sent the whole file, which changed or cannot be compared; "
+            "taking it from byte 0",
+            self.t.file_name,
+        )
+        self.receiver.restart()

@@ -35,6 +35,7 @@ __all__ = ["Fault", "FaultProxy", "RequestLog", "random_cuts"]
 _CHUNK = 64 * 1024
 _HEAD_LIMIT = 64 * 1024
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection"})
+_VALIDATORS = frozenset({"etag", "last-modified"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,8 @@ class Fault:
     rewrite_path: str | None = None
     status: int | None = None
     delay: float = 0.0
+    #: Drop ETag and Last-Modified from the answer (a server that gives no validator).
+    strip_validators: bool = False
 
     def break_point(self) -> tuple[int, str] | None:
         """The body offset at which the transfer is broken and how: "cut", "reset" or "stall"."""
@@ -389,7 +392,12 @@ class FaultProxy:
         head, body = received
         first, fields = _parse_head(head)
         log.status = int(first.split(" ", 2)[1])
-        client.sendall(_build_head(first, fields, _HOP_BY_HOP))
+        drop = (
+            _HOP_BY_HOP | _VALIDATORS
+            if fault is not None and fault.strip_validators
+            else _HOP_BY_HOP
+        )
+        client.sendall(_build_head(first, fields, drop))
         point = fault.break_point() if fault is not None else None
         sent = 0
         while True:
