@@ -653,3 +653,145 @@ def test_file_target_in_a_missing_directory_exits_2_naming_it(
     assert not missing.exists(), "the updater created the directory"
     assert device.snapshot() == before
     assert not device.state_dir.exists()
+
+
+# -- 8. crashes in the middle: kill -9 of the updater by its own hook, SIGTERM ---------------------
+
+
+def _kill_updater_hook(hook_dir: Path, name: str) -> Path:
+    """A post-install hook that kill -9s the updater (its parent): a crash right after the
+    file targets were renamed into place."""
+    return write_hook(hook_dir, name, "kill -9 $PPID\nsleep 5\n")
+
+
+def _conf_task(
+    device: Device, docroot: Docroot, nginx: Nginx, content: bytes, version: str
+) -> Path:
+    boot = docroot.add_random(1 * MiB, name="boot.img")
+    conf = docroot.add_bytes("app.conf", content)
+    files = [entry(f, nginx.url(f.name)) for f in (boot, conf)]
+    return device.task_file(task_for(files, version=version), f"task-{version}.json")
+
+
+def test_a_crash_after_the_rename_is_finished_by_the_next_run(
+    image_device: Device, docroot: Docroot, nginx: Nginx, hook_dir: Path
+) -> None:
+    device = image_device
+    dest = device.etc / "app.conf"
+    dest.write_bytes(b"original\n")
+    configured = targets(device)
+    configured[2]["post_install"] = str(_kill_updater_hook(hook_dir, "crash"))
+    device.write_config(targets=configured)
+    task = _conf_task(device, docroot, nginx, b"new\n", "v2")
+
+    crashed = device.run("install", str(task))
+
+    assert crashed.returncode == -9
+    assert device.journal()["state"] == "applying"
+    assert dest.read_bytes() == b"new\n"
+    configured[2].pop("post_install")
+    device.write_config(targets=configured)
+
+    again = device.run("install", str(task))
+
+    assert again.returncode == 0, again.stderr
+    assert device.journal()["state"] == "installed"
+    assert dest.read_bytes() == b"new\n"
+    assert (device.etc / ".app.conf.rpi-updater-old").read_bytes() == b"original\n"
+
+
+def test_a_new_task_after_a_crashed_apply_rolls_the_old_one_back_first(
+    image_device: Device, docroot: Docroot, nginx: Nginx, hook_dir: Path
+) -> None:
+    """Anything not known to be installed is rolled back: the original content must survive."""
+    device = image_device
+    dest = device.etc / "app.conf"
+    dest.write_bytes(b"original\n")
+    configured = targets(device)
+    configured[2]["post_install"] = str(_kill_updater_hook(hook_dir, "crash"))
+    device.write_config(targets=configured)
+    assert (
+        device.run("install", str(_conf_task(device, docroot, nginx, b"v2\n", "v2"))).returncode
+        == -9
+    )
+    configured[2].pop("post_install")
+    device.write_config(targets=configured)
+
+    result = device.run("install", str(_conf_task(device, docroot, nginx, b"v3\n", "v3")))
+
+    assert result.returncode == 0, result.stderr
+    assert dest.read_bytes() == b"v3\n"
+    assert (device.etc / ".app.conf.rpi-updater-old").read_bytes() == b"original\n", (
+        "the kept content must be the original, not the half-installed v2"
+    )
+
+
+def test_hook_target_never_sees_eof_when_the_updater_is_killed(
+    image_device: Device, docroot: Docroot, fault_proxy: FaultProxy, hook_dir: Path, tmp_path: Path
+) -> None:
+    import time
+
+    from tests.harness import Fault
+
+    device = image_device
+    out = tmp_path / "flash"
+    _with_mcu_target(device, _flash_hook(hook_dir, out, ignore_term=True))
+    firmware = docroot.add_random(2 * MiB, name="mcu-7.bin")
+    fault_proxy.script(Fault(stall_after=1 * MiB, stall_seconds=10))
+    task = device.task_file(task_for([entry(firmware, fault_proxy.url(firmware.name))]))
+    proc = subprocess.Popen(
+        device.command("install", str(task)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    deadline = time.monotonic() + 20
+    while not (Path(f"{out}.data").exists() and Path(f"{out}.data").stat().st_size >= 1 * MiB):
+        assert time.monotonic() < deadline, "the hook never received the first MiB"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=10)
+    time.sleep(0.5)
+    assert not Path(f"{out}.complete").exists(), "the program read EOF of a partial file"
+
+
+def test_sigterm_stops_cleanly_and_the_next_run_resumes(
+    image_device: Device, docroot: Docroot, fault_proxy: FaultProxy
+) -> None:
+    import signal
+    import time
+
+    from tests.harness import Fault
+
+    device = image_device
+    boot = docroot.add_random(3 * MiB, name="boot.img")
+    fault_proxy.script(Fault(stall_after=2 * MiB, stall_seconds=30))
+    task = device.task_file(task_for([entry(boot, fault_proxy.url(boot.name))]))
+    proc = subprocess.Popen(
+        device.command("install", str(task), "--progress", "json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    deadline = time.monotonic() + 20
+    while not fault_proxy.requests or fault_proxy.requests[0].body_bytes < 2 * MiB:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=40)
+
+    assert proc.returncode == 143, stderr
+    assert "interrupted (SIGTERM)" in stderr
+    assert not [e for e in json_events(stdout) if e["event"] == "failed"], "not a failure"
+    assert device.journal()["state"] == "download"
+    files = device.journal()["files"]
+    assert isinstance(files, dict)
+    assert files["boot.img"]["durable"] == 2 * MiB, "what arrived was made durable"
+
+    again = device.run("install", str(task))
+
+    assert again.returncode == 0, again.stderr
+    assert device.parts["B.boot"].read(boot.size) == boot.read_bytes()
+    assert fault_proxy.requests[-1].headers.get("range") == f"bytes={2 * MiB}-"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -100,7 +101,14 @@ def cmd_install(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"install": cmd_install}
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (systemd stopping us) unwinds like Ctrl-C: cleanup runs, hooks are killed, the
+    journal stays resumable, and the platform is not told the update failed."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(argv)
     # On a terminal a log line first clears the progress bar's line; the bar redraws below it.
     clear = "\r\x1b[K" if sys.stderr.isatty() else ""
@@ -114,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UpdaterError as err:
         log.error("%s (step %d)", err.desc, err.step)
         return err.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    except KeyboardInterrupt as err:
+        log.error("interrupted (%s); run the same command again to resume", err or "SIGINT")
+        return 143 if str(err) == "SIGTERM" else 130
 
 
 if __name__ == "__main__":

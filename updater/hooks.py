@@ -22,6 +22,7 @@ Every failure is a :class:`~updater.errors.HookError` (step -4) naming the progr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -32,7 +33,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -308,6 +309,26 @@ def _group_has_live_members(pgid: int) -> bool | None:
     return False
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel SIGKILL the hook when the updater dies.
+
+    Without it a hook target would read a clean EOF of a partial file after a kill -9 of the
+    updater (the pipe's only writer is gone). libc is loaded here, in the parent, so that the
+    child does nothing but two system calls between fork and exec.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def setup() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the updater died before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
 class _Child:
     """A started hook program: its own process group, drained output, unreaped until the end.
 
@@ -328,6 +349,7 @@ class _Child:
                 cwd="/",
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=_die_with_parent(os.getpid()),
             )
         except OSError as err:
             raise HookError(

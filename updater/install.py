@@ -15,6 +15,7 @@ again, a partly written file re-hashes its durable prefix from the target and co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -95,7 +96,9 @@ class Installer:
             self.progress.set_done(self.plan.total_bytes)
             self.progress.done()
             return self.result
-        if not self._same_task():
+        if self._same_task():
+            self._finish_restores()
+        else:
             self._fresh_journal()
         self.progress.start()
         try:
@@ -107,6 +110,10 @@ class Installer:
         except UpdaterError as err:
             self._fail(err)
             raise
+        except Exception as err:  # a bug or an unforeseen OSError: still a reported failure
+            wrapped = UpdaterError(f"unexpected error: {err!r}")
+            self._fail(wrapped)
+            raise wrapped from err
         self._set_state("installed")
         self.progress.done()
         return self.result
@@ -120,7 +127,13 @@ class Installer:
         )
 
     def _fresh_journal(self) -> None:
-        """A new task: whatever an older one left on the inactive slot is garbage now."""
+        """A new task: whatever an older one left on the inactive slot is garbage now.
+
+        File targets an unfinished older task already renamed into place are put back first
+        (anything not known to be installed is rolled back).
+        """
+        if self.journal.data.get("state") != "installed":
+            self._undo_files(lambda record: bool(record.get("applied") or record.get("restoring")))
         for item in self.plan.items:
             if item.dest is not None:
                 discard_staging(item.dest)
@@ -169,10 +182,14 @@ class Installer:
         spec = item.spec
         record = self.journal.file(spec.name)
         self.progress.begin_file(spec.name)
-        if record.get("verified"):
+        if record.get("verified") and not self._staging_lost(item, record):
             log.info("%s: verified earlier, not fetched again", spec.name)
             self.progress.advance(spec.size)
             return
+        if record.get("verified"):
+            log.warning("%s: the verified staging file is gone; fetching it again", spec.name)
+            self.journal.update_file(spec.name, verified=False, durable=0)
+            record = self.journal.file(spec.name)
         if item.target.pre_install:
             run_hook(
                 item.target.pre_install,
@@ -223,11 +240,23 @@ class Installer:
                 )
             if isinstance(sink, HookSink):
                 sink.finish()
+        except BaseException:
+            # Keep what arrived (a 403 or Ctrl-C halfway): the next run starts from there.
+            if sink.resumable:
+                with contextlib.suppress(Exception):
+                    stream.checkpoint()
+            raise
         finally:
             stream.close()
             sink.close()
         self.journal.update_file(spec.name, verified=True, durable=spec.size, digest=digest)
         self.progress.file_verified(spec.name)
+
+    def _staging_lost(self, item: FileItem, record: dict[str, Any]) -> bool:
+        """A verified file target whose staged content is neither staged nor applied."""
+        if item.dest is None:
+            return False
+        return not staging_path(item.dest).exists() and not _applied(item.dest, record)
 
     def _open_sink(self, item: FileItem, record: dict[str, Any]) -> Sink:
         spec, target = item.spec, item.target
@@ -235,15 +264,16 @@ class Installer:
             return PartitionSink(item.device, file_name=spec.name, target=target.name)
         if item.dest is not None:
             durable = int(record.get("durable", 0))
-            staged = staging_path(item.dest)
-            if durable and (not staged.exists() or staged.stat().st_size < durable):
-                log.warning("%s: the staged file is gone or short; starting over", spec.name)
-                self.journal.update_file(spec.name, durable=0)
-                record["durable"] = durable = 0
-            sink = FileSink(item.dest, file_name=spec.name, target=target.name, fresh=not durable)
             if durable:
-                sink.truncate(durable)
-            return sink
+                try:
+                    return FileSink(
+                        item.dest, file_name=spec.name, target=target.name, keep=durable
+                    )
+                except WriteError as err:
+                    log.warning("%s: %s; starting over", spec.name, err.message)
+                    self.journal.update_file(spec.name, durable=0)
+                    record["durable"] = 0
+            return FileSink(item.dest, file_name=spec.name, target=target.name, keep=0)
         assert item.program is not None
         return HookSink(
             item.program,
@@ -261,21 +291,24 @@ class Installer:
             return
         what = f"clone of part {clone.part}"
         log.info("%s: %s -> %s", what, clone.source.describe(), clone.dest.describe())
-        src = PartitionSink(clone.source, file_name=what, target=clone.part, read_only=True)
-        dst = PartitionSink(clone.dest, file_name=what, target=clone.part)
-        chunk = self.config.download.buffer_size
-        try:
-            offset = 0
+        dl = self.config.download
+        with contextlib.ExitStack() as stack:
+            src = PartitionSink(clone.source, file_name=what, target=clone.part, read_only=True)
+            stack.callback(src.close)
+            dst = PartitionSink(clone.dest, file_name=what, target=clone.part)
+            stack.callback(dst.close)
+            offset = unsynced = 0
             while offset < clone.source.size:
-                data = src.read_at(offset, min(chunk, clone.source.size - offset))
+                data = src.read_at(offset, min(dl.buffer_size, clone.source.size - offset))
                 if not data:
                     raise WriteError(f"{clone.source.describe()} ended early", file_name=what)
                 dst.write_at(offset, memoryview(data))
                 offset += len(data)
+                unsynced += len(data)
+                if unsynced >= dl.fsync_interval:  # never minutes of dirty pages
+                    dst.sync()
+                    unsynced = 0
             dst.sync()
-        finally:
-            src.close()
-            dst.close()
         clones[clone.part] = "done"
         self.journal.save()
 
@@ -283,11 +316,10 @@ class Installer:
 
     def _apply(self) -> None:
         self._set_state("applying")
-        applied: list[tuple[FileItem, bool]] = []
         try:
             for item in self.plan.items:
                 if item.dest is not None:
-                    applied.append((item, self._apply_file(item)))
+                    self._apply_file(item)
             for item in self.plan.items:
                 if item.target.post_install:
                     run_hook(
@@ -295,23 +327,76 @@ class Installer:
                         self._context(item, "post-install"),
                         timeout=self.config.hooks.timeout,
                     )
-        except UpdaterError:
-            for item, had_old in reversed(applied):
-                assert item.dest is not None
-                restore_file(item.dest, had_old=had_old)
-                # The new content is gone with the rename: a rerun must fetch the file again.
-                self.journal.update_file(
-                    item.spec.name, verified=False, durable=0, had_old=None, digest=None
-                )
+        except BaseException:
+            names = {item.spec.name for item in self.plan.items if item.dest is not None}
+            self._undo_files(lambda record: record.get("name") in names and _was_applied(record))
             raise
 
-    def _apply_file(self, item: FileItem) -> bool:
-        """Rename one staged file over its destination (idempotent across a restart)."""
+    def _apply_file(self, item: FileItem) -> None:
+        """Rename one staged file over its destination (idempotent across a restart).
+
+        The journal says ``had_old`` before the rename and ``applied`` after it; a crash between
+        the two is recognised because only the rename makes the staging file disappear.
+        """
         assert item.dest is not None
-        record = self.journal.file(item.spec.name)
-        if record.get("had_old") is not None and not staging_path(item.dest).exists():
-            return bool(record["had_old"])  # renamed before a crash
-        self.journal.update_file(item.spec.name, had_old=os.path.lexists(item.dest))
-        had_old = apply_file(item.dest)
-        log.info("%s: installed %s", item.spec.name, item.dest)
-        return had_old
+        name = item.spec.name
+        record = self.journal.file(name)
+        if _applied(item.dest, record):
+            if not record.get("applied"):
+                self.journal.update_file(name, applied=True)
+            return
+        had_old = os.path.lexists(item.dest)
+        self.journal.update_file(name, dest=str(item.dest), had_old=had_old)
+        apply_file(item.dest)
+        self.journal.update_file(name, applied=True)
+        log.info("%s: installed %s", name, item.dest)
+
+    def _undo_files(self, which: Callable[[dict[str, Any]], bool]) -> None:
+        """Put back the old content of applied file targets; the new content is fetched again.
+
+        Each file is marked ``restoring`` before its old content goes back, so a crash in the
+        middle is finished by the next run (:meth:`_finish_restores`). Every file is tried even
+        when one fails; the first failure is raised at the end.
+        """
+        files: dict[str, dict[str, Any]] = self.journal.data.get("files", {})
+        first: UpdaterError | None = None
+        for name, record in reversed(list(files.items())):
+            if not which({**record, "name": name}) or not record.get("dest"):
+                continue
+            try:
+                self.journal.update_file(name, restoring=True)
+                restore_file(Path(record["dest"]), had_old=bool(record.get("had_old")))
+                self.journal.update_file(
+                    name,
+                    verified=False,
+                    durable=0,
+                    applied=False,
+                    had_old=None,
+                    restoring=False,
+                    digest=None,
+                )
+                log.info("%s: restored the previous %s", name, record["dest"])
+            except UpdaterError as err:
+                log.error("%s: cannot restore %s: %s", name, record["dest"], err.message)
+                first = first or err
+        if first is not None:
+            raise first
+
+    def _finish_restores(self) -> None:
+        self._undo_files(lambda record: bool(record.get("restoring")))
+
+
+def _applied(dest: Path, record: dict[str, Any]) -> bool:
+    """Whether the staged file of ``dest`` was renamed over it (see :meth:`_apply_file`)."""
+    if record.get("restoring"):
+        return False
+    if record.get("applied"):
+        return True
+    return record.get("had_old") is not None and not staging_path(dest).exists()
+
+
+def _was_applied(record: dict[str, Any]) -> bool:
+    dest = record.get("dest")
+    if not dest:
+        return False
+    return bool(record.get("restoring")) or _applied(Path(dest), record)

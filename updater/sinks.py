@@ -15,6 +15,7 @@ from typing import Protocol
 
 from updater.errors import WriteError
 from updater.hooks import HookContext, HookStream
+from updater.journal import fsync_dir
 from updater.slots import Device
 
 
@@ -117,22 +118,54 @@ def kept_path(dest: Path) -> Path:
 
 class FileSink:
     """A named file target: the bytes go to a staging file beside the destination; the engine
-    renames it over the destination only once every file of the package is verified."""
+    renames it over the destination only once every file of the package is verified.
+
+    ``keep`` is the durable prefix a resumed install continues after (0: start afresh). A fresh
+    staging file is created exclusively (``O_EXCL|O_NOFOLLOW``, mode 0600) after removing any
+    leftover, and its directory entry is made durable before any offset is recorded; a resumed
+    one must still be ours (a regular file owned by us, one link, at least ``keep`` bytes),
+    otherwise WriteError and the caller starts afresh.
+    """
 
     resumable = True
 
-    def __init__(self, dest: Path, *, file_name: str, target: str, fresh: bool) -> None:
+    def __init__(self, dest: Path, *, file_name: str, target: str, keep: int) -> None:
         self.dest = dest
         self.path = staging_path(dest)
         self.file_name = file_name
         self.target = target
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        if fresh:
-            flags |= os.O_TRUNC
+        self.fd = -1
         try:
-            self.fd = os.open(self.path, flags, 0o600)
+            if keep:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+                self._check_ours(keep)
+                os.ftruncate(self.fd, keep)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+                self.fd = os.open(self.path, flags, 0o600)
+                fsync_dir(dest.parent)
         except OSError as err:
-            raise self._error("cannot create", err) from err
+            self.close()
+            raise self._error("cannot open", err) from err
+        except WriteError:
+            self.close()
+            raise
+
+    def _check_ours(self, keep: int) -> None:
+        st = os.fstat(self.fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        elif st.st_uid != os.geteuid() or st.st_nlink != 1:
+            problem = "was replaced or linked by someone else"
+        elif st.st_size < keep:
+            problem = f"holds {st.st_size} bytes, the journal says {keep}"
+        if problem:
+            raise WriteError(
+                f"staged file {self.path} {problem}", file_name=self.file_name, target=self.target
+            )
 
     def _error(self, what: str, err: OSError) -> WriteError:
         return WriteError(
@@ -165,13 +198,6 @@ class FileSink:
         except OSError as err:
             raise self._error("cannot truncate", err) from err
 
-    def truncate(self, size: int) -> None:
-        """Drop anything past ``size`` (left by an earlier, longer attempt)."""
-        try:
-            os.ftruncate(self.fd, size)
-        except OSError as err:
-            raise self._error("cannot truncate", err) from err
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -184,27 +210,25 @@ def apply_file(dest: Path) -> bool:
     Returns whether an old content was kept. Mode and ownership of an existing destination carry
     over to the new file. Every step is atomic and followed by a directory fsync.
     """
-    from updater.journal import fsync_dir
-
     new = staging_path(dest)
     old = kept_path(dest)
     kept = False
     try:
+        fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            st = dest.stat()
-        except FileNotFoundError:
-            new.chmod(0o644)
-        else:
-            if not stat.S_ISREG(st.st_mode):
-                raise WriteError(f"{dest} is not a regular file", target=str(dest))
-            os.chown(new, st.st_uid, st.st_gid)
-            new.chmod(stat.S_IMODE(st.st_mode))
-            with contextlib.suppress(FileNotFoundError):
-                old.unlink()
-            os.link(dest, old)
-            kept = True
-        fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC)
-        try:
+            try:
+                st = dest.lstat()
+            except FileNotFoundError:
+                os.fchmod(fd, 0o644)
+            else:
+                if not stat.S_ISREG(st.st_mode):
+                    raise WriteError(f"{dest} is not a regular file", target=str(dest))
+                os.fchown(fd, st.st_uid, st.st_gid)
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+                os.link(dest, old, follow_symlinks=False)
+                kept = True
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -217,8 +241,6 @@ def apply_file(dest: Path) -> bool:
 
 def restore_file(dest: Path, *, had_old: bool) -> None:
     """Undo :func:`apply_file`: the kept old content goes back, or a new file is removed."""
-    from updater.journal import fsync_dir
-
     old = kept_path(dest)
     try:
         if had_old:
