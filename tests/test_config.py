@@ -111,7 +111,7 @@ def test_example_file_loads_to_the_expected_dataclasses() -> None:
                 name="app-config",
                 match=("app.conf",),
                 kind="file",
-                path="/etc/app/app.conf",
+                path="/data/app/app.conf",
                 post_install="/etc/rpi-updater/hooks/app-config-post",
             ),
             TargetConfig(
@@ -124,7 +124,7 @@ def test_example_file_loads_to_the_expected_dataclasses() -> None:
         download=DownloadConfig(),
         system=SystemConfig(),
         hooks=HooksConfig(),
-        state_dir="/var/lib/rpi-updater",
+        state_dir="/data/rpi-updater",
     )
     assert load_config(str(EXAMPLE)) == expected
 

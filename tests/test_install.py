@@ -6,6 +6,7 @@ was never written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -529,3 +530,37 @@ def test_a_second_install_while_one_runs_is_refused(
     finally:
         assert first.wait(timeout=30) == 0
     assert image_device.parts["B.boot"].read(boot.size) == boot.read_bytes()
+
+
+def test_a_file_target_on_a_slot_filesystem_is_refused(
+    tmp_path: Path, docroot: Docroot, nginx: Nginx, loop_devices: LoopDevices
+) -> None:
+    """/etc of the booted root is the running system; a file target belongs on the data part."""
+    import subprocess
+
+    dev = build_device(tmp_path / "dev", loops=loop_devices, ca_file=nginx.ca_file)
+    a_root = dev.parts["A.root"].path
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(a_root)], check=True)
+    mnt = tmp_path / "root-a"
+    mnt.mkdir()
+    subprocess.run(["mount", str(a_root), str(mnt)], check=True)
+    try:
+        (mnt / "etc").mkdir()
+        (mnt / "etc" / "app.conf").write_bytes(b"running\n")
+        configured = dev.config["targets"]
+        assert isinstance(configured, list)
+        configured[2]["file"] = str(mnt / "etc" / "app.conf")
+        dev.write_config(targets=configured)
+        docroot.add_bytes("app.conf", b"new\n")
+        task = task_for(
+            [("app.conf", nginx.url("app.conf"), 4, hashlib.sha256(b"new\n").hexdigest())]
+        )
+
+        result = dev.run("install", str(dev.task_file(task)))
+
+        assert result.returncode == 2, result.stderr
+        assert "is on part 'root' of slot A" in result.stderr
+        assert (mnt / "etc" / "app.conf").read_bytes() == b"running\n"
+        assert sorted(p.name for p in (mnt / "etc").iterdir()) == ["app.conf"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

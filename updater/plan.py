@@ -88,6 +88,8 @@ def make_plan(task: Task, config: Config) -> InstallPlan:
     items = []
     for spec, target in zip(task.files, targets, strict=True):
         items.append(_plan_file(spec, target, config, slot_parts, booted_parts))
+    if any(item.dest is not None for item in items):
+        _refuse_files_on_slots(items, config)
         for hook in (target.pre_install, target.post_install):
             if hook:
                 _check_hook(hook, spec.name)
@@ -180,17 +182,50 @@ def _plan_file(
 
 def _plan_dest(dest: Path, spec: FileSpec) -> Path:
     parent = dest.parent
-    if not parent.is_dir():
-        raise PlanError(f"directory {parent} of {dest} does not exist", file_name=spec.name)
-    if dest.is_symlink() or (dest.exists() and not dest.is_file()):
-        raise PlanError(f"{dest} is not a regular file", file_name=spec.name)
-    st = os.statvfs(parent)
+    try:
+        if not parent.is_dir():
+            raise PlanError(f"directory {parent} of {dest} does not exist", file_name=spec.name)
+        if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+            raise PlanError(f"{dest} is not a regular file", file_name=spec.name)
+        st = os.statvfs(parent)
+    except OSError as err:
+        raise PlanError(
+            f"cannot inspect {dest}: {err.strerror or err}", file_name=spec.name
+        ) from err
     free = st.f_bavail * st.f_frsize
     if spec.size > free:
         raise PlanError(
             f"{spec.size} bytes do not fit in {parent} ({free} bytes free)", file_name=spec.name
         )
     return dest
+
+
+def _refuse_files_on_slots(items: list[FileItem], config: Config) -> None:
+    """A ``file`` target must live outside both slots (on the data partition).
+
+    On the booted slot it would write the running system; on either slot it would be lost or
+    stale after the next switch. Parts that cannot be resolved here are skipped: the check is
+    about block devices the kernel has mounted, which always resolve.
+    """
+    parts: dict[int, str] = {}
+    for name, slot in config.slots.items():
+        for part, spec in slot.parts.items():
+            try:
+                device = resolve_part(spec)
+            except PlanError:
+                continue
+            if device.is_block and device.rdev is not None:
+                parts[device.rdev] = f"part {part!r} of slot {name}"
+    for item in items:
+        if item.dest is None:
+            continue
+        where = parts.get(item.dest.parent.stat().st_dev)
+        if where:
+            raise PlanError(
+                f"{item.dest} is on {where}: file targets must live outside the slots "
+                "(on the data partition)",
+                file_name=item.spec.name,
+            )
 
 
 def _plan_clone(
