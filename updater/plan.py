@@ -88,11 +88,11 @@ def make_plan(task: Task, config: Config) -> InstallPlan:
     items = []
     for spec, target in zip(task.files, targets, strict=True):
         items.append(_plan_file(spec, target, config, slot_parts, booted_parts))
-    if any(item.dest is not None for item in items):
-        _refuse_files_on_slots(items, config)
         for hook in (target.pre_install, target.post_install):
             if hook:
                 _check_hook(hook, spec.name)
+    if any(item.dest is not None for item in items):
+        _refuse_files_on_slots(items, config)
 
     clones = []
     if slot:
