@@ -146,9 +146,13 @@ class StateLock:
             raise StateError(
                 f"another rpi-updater (pid {owner}) is installing; {self.path} is locked"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            self.release()
+            raise StateError(f"cannot write {self.path}: {err.strerror or err}") from err
 
     def release(self) -> None:
         if self.fd >= 0:
