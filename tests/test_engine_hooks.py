@@ -673,30 +673,37 @@ def _conf_task(
     return device.task_file(task_for(files, version=version), f"task-{version}.json")
 
 
-def test_a_crash_after_the_rename_is_finished_by_the_next_run(
-    image_device: Device, docroot: Docroot, nginx: Nginx, hook_dir: Path
-) -> None:
-    device = image_device
+def _crash_while_applying(
+    device: Device, docroot: Docroot, nginx: Nginx, hook_dir: Path, content: bytes
+) -> Path:
+    """Install app.conf (over "original") with a post-install hook that kills the updater right
+    after the rename; then remove the hook. Returns the task file."""
     dest = device.etc / "app.conf"
     dest.write_bytes(b"original\n")
     configured = targets(device)
     configured[2]["post_install"] = str(_kill_updater_hook(hook_dir, "crash"))
     device.write_config(targets=configured)
-    task = _conf_task(device, docroot, nginx, b"new\n", "v2")
-
+    task = _conf_task(device, docroot, nginx, content, "v2")
     crashed = device.run("install", str(task))
-
     assert crashed.returncode == -9
     assert device.journal()["state"] == "applying"
-    assert dest.read_bytes() == b"new\n"
+    assert dest.read_bytes() == content
     configured[2].pop("post_install")
     device.write_config(targets=configured)
+    return task
+
+
+def test_a_crash_after_the_rename_is_finished_by_the_next_run(
+    image_device: Device, docroot: Docroot, nginx: Nginx, hook_dir: Path
+) -> None:
+    device = image_device
+    task = _crash_while_applying(device, docroot, nginx, hook_dir, b"new\n")
 
     again = device.run("install", str(task))
 
     assert again.returncode == 0, again.stderr
     assert device.journal()["state"] == "installed"
-    assert dest.read_bytes() == b"new\n"
+    assert (device.etc / "app.conf").read_bytes() == b"new\n"
     assert (device.etc / ".app.conf.rpi-updater-old").read_bytes() == b"original\n"
 
 
@@ -705,22 +712,12 @@ def test_a_new_task_after_a_crashed_apply_rolls_the_old_one_back_first(
 ) -> None:
     """Anything not known to be installed is rolled back: the original content must survive."""
     device = image_device
-    dest = device.etc / "app.conf"
-    dest.write_bytes(b"original\n")
-    configured = targets(device)
-    configured[2]["post_install"] = str(_kill_updater_hook(hook_dir, "crash"))
-    device.write_config(targets=configured)
-    assert (
-        device.run("install", str(_conf_task(device, docroot, nginx, b"v2\n", "v2"))).returncode
-        == -9
-    )
-    configured[2].pop("post_install")
-    device.write_config(targets=configured)
+    _crash_while_applying(device, docroot, nginx, hook_dir, b"v2\n")
 
     result = device.run("install", str(_conf_task(device, docroot, nginx, b"v3\n", "v3")))
 
     assert result.returncode == 0, result.stderr
-    assert dest.read_bytes() == b"v3\n"
+    assert (device.etc / "app.conf").read_bytes() == b"v3\n"
     assert (device.etc / ".app.conf.rpi-updater-old").read_bytes() == b"original\n", (
         "the kept content must be the original, not the half-installed v2"
     )
@@ -739,12 +736,7 @@ def test_hook_target_never_sees_eof_when_the_updater_is_killed(
     firmware = docroot.add_random(2 * MiB, name="mcu-7.bin")
     fault_proxy.script(Fault(stall_after=1 * MiB, stall_seconds=10))
     task = device.task_file(task_for([entry(firmware, fault_proxy.url(firmware.name))]))
-    proc = subprocess.Popen(
-        device.command("install", str(task)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-    )
+    proc = device.start("install", str(task))
     deadline = time.monotonic() + 20
     while not (Path(f"{out}.data").exists() and Path(f"{out}.data").stat().st_size >= 1 * MiB):
         assert time.monotonic() < deadline, "the hook never received the first MiB"
@@ -767,13 +759,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(
     boot = docroot.add_random(3 * MiB, name="boot.img")
     fault_proxy.script(Fault(stall_after=2 * MiB, stall_seconds=30))
     task = device.task_file(task_for([entry(boot, fault_proxy.url(boot.name))]))
-    proc = subprocess.Popen(
-        device.command("install", str(task), "--progress", "json"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-    )
+    proc = device.start("install", str(task), "--progress", "json", quiet=False)
     deadline = time.monotonic() + 20
     while not fault_proxy.requests or fault_proxy.requests[0].body_bytes < 2 * MiB:
         assert time.monotonic() < deadline

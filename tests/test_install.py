@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Docroot, Fault, FaultProxy, LoopDevices, Nginx
-from tests.harness.device import Device, MiB, build_device, task_for
+from tests.harness.device import Device, MiB, build_device, mounted_ext4, task_for
 from tests.harness.nginx import ServedFile
 
 
@@ -401,33 +401,25 @@ def test_a_target_on_the_booted_slot_is_refused(
 def test_a_mounted_target_is_refused(
     tmp_path: Path, docroot: Docroot, nginx: Nginx, loop_devices: LoopDevices
 ) -> None:
-    import subprocess
-
     dev = build_device(tmp_path / "dev", loops=loop_devices, ca_file=nginx.ca_file)
-    b_root = dev.parts["B.root"].path
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(b_root)], check=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", str(b_root), str(mnt)], check=True)
-    # The stand-in mountinfo must show it too: the engine reads the configured file.
-    real = "".join(
-        line
-        for line in Path("/proc/self/mountinfo").read_text().splitlines(keepends=True)
-        if line.split()[4] != "/"
-    )
-    mountinfo = Path(str(dev.config["system"]["mountinfo"]))  # type: ignore[index]
-    mountinfo.write_text(mountinfo.read_text() + real)
-    try:
+    with mounted_ext4(dev.parts["B.root"].path, tmp_path / "mnt") as mnt:
+        # The stand-in mountinfo must show it too: the engine reads the configured file.
+        real = "".join(
+            line
+            for line in Path("/proc/self/mountinfo").read_text().splitlines(keepends=True)
+            if line.split()[4] != "/"
+        )
+        mountinfo = Path(str(dev.config["system"]["mountinfo"]))  # type: ignore[index]
+        mountinfo.write_text(mountinfo.read_text() + real)
         rootfs = docroot.add_random(1 * MiB, name="rootfs.img")
         before = dev.snapshot()
-        result = dev.run(
-            "install", str(dev.task_file(task_for([entry(rootfs, nginx.url(rootfs.name))])))
-        )
+        task = task_for([entry(rootfs, nginx.url(rootfs.name))])
+
+        result = dev.run("install", str(dev.task_file(task)))
+
         assert result.returncode == 2, result.stderr
         assert "mounted" in result.stderr and str(mnt) in result.stderr
         assert dev.snapshot()["B.root"] == before["B.root"]
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 # -- kill -9 and resume --------------------------------------------------------------------------
@@ -447,7 +439,6 @@ def test_kill_9_five_times_then_resume(
     device: Device, docroot: Docroot, fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import signal
-    import subprocess
     import time
 
     rootfs = docroot.add_random(14 * MiB + 3, name="rootfs.img")
@@ -463,12 +454,7 @@ def test_kill_9_five_times_then_resume(
     for k in range(5):
         # Kill once the durable total passed a random point in the k-th sixth of the package.
         target = int(total * (k + rng.uniform(0.3, 0.9)) / 6)
-        proc = subprocess.Popen(
-            device.command("install", str(task), "--progress", "none"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-        )
+        proc = device.start("install", str(task), "--progress", "none")
         deadline = time.monotonic() + 60
         while durable_total(device) < target:
             assert proc.poll() is None, "the install ended before it could be killed"
@@ -507,18 +493,12 @@ def test_kill_9_five_times_then_resume(
 def test_a_second_install_while_one_runs_is_refused(
     image_device: Device, docroot: Docroot, fault_proxy: FaultProxy
 ) -> None:
-    import subprocess
     import time
 
     boot = docroot.add_random(2 * MiB, name="boot.img")
     fault_proxy.script(Fault(stall_after=1 * MiB, stall_seconds=3))
     task = image_device.task_file(task_for([entry(boot, fault_proxy.url(boot.name))]))
-    first = subprocess.Popen(
-        image_device.command("install", str(task)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-    )
+    first = image_device.start("install", str(task))
     try:
         deadline = time.monotonic() + 20
         while not fault_proxy.requests:
@@ -536,15 +516,8 @@ def test_a_file_target_on_a_slot_filesystem_is_refused(
     tmp_path: Path, docroot: Docroot, nginx: Nginx, loop_devices: LoopDevices
 ) -> None:
     """/etc of the booted root is the running system; a file target belongs on the data part."""
-    import subprocess
-
     dev = build_device(tmp_path / "dev", loops=loop_devices, ca_file=nginx.ca_file)
-    a_root = dev.parts["A.root"].path
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(a_root)], check=True)
-    mnt = tmp_path / "root-a"
-    mnt.mkdir()
-    subprocess.run(["mount", str(a_root), str(mnt)], check=True)
-    try:
+    with mounted_ext4(dev.parts["A.root"].path, tmp_path / "root-a") as mnt:
         (mnt / "etc").mkdir()
         (mnt / "etc" / "app.conf").write_bytes(b"running\n")
         configured = dev.config["targets"]
@@ -552,9 +525,8 @@ def test_a_file_target_on_a_slot_filesystem_is_refused(
         configured[2]["file"] = str(mnt / "etc" / "app.conf")
         dev.write_config(targets=configured)
         docroot.add_bytes("app.conf", b"new\n")
-        task = task_for(
-            [("app.conf", nginx.url("app.conf"), 4, hashlib.sha256(b"new\n").hexdigest())]
-        )
+        digest = hashlib.sha256(b"new\n").hexdigest()
+        task = task_for([("app.conf", nginx.url("app.conf"), 4, digest)])
 
         result = dev.run("install", str(dev.task_file(task)))
 
@@ -562,5 +534,3 @@ def test_a_file_target_on_a_slot_filesystem_is_refused(
         assert "is on part 'root' of slot A" in result.stderr
         assert (mnt / "etc" / "app.conf").read_bytes() == b"running\n"
         assert sorted(p.name for p in (mnt / "etc").iterdir()) == ["app.conf"]
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)

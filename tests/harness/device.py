@@ -8,11 +8,13 @@ filled with a known pattern so that a test can prove they were never written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +76,18 @@ class Device:
             capture_output=True,
             text=True,
             timeout=timeout,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+    def start(self, *args: str, quiet: bool = True) -> subprocess.Popen[str]:
+        """``rpi-updater ARGS`` in the background (output discarded, or piped when not quiet)."""
+        out = subprocess.DEVNULL if quiet else subprocess.PIPE
+        return subprocess.Popen(
+            self.command(*args),
+            stdout=out,
+            stderr=out,
+            text=True,
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
@@ -175,6 +189,18 @@ def build_device(
     }
     device.write_config()
     return device
+
+
+@contextlib.contextmanager
+def mounted_ext4(device: Path, mountpoint: Path) -> Iterator[Path]:
+    """Make an ext4 filesystem on ``device`` and mount it; always unmounted afterwards."""
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(device)], check=True)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", str(device), str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 def _mountinfo(booted_root: Region | None) -> str:
