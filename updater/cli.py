@@ -7,16 +7,23 @@ Exit codes of ``install``: 0 done, 2 invalid task or configuration (nothing writ
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from updater import __version__
-from updater.config import DEFAULT_CONFIG_PATH, load_config
+from updater.config import DEFAULT_CONFIG_PATH, Config, load_config
 from updater.errors import TaskError, UpdaterError
+from updater.journal import StateLock
+from updater.machine import State
 from updater.progress import JsonLines, Progress, ProgressEvent, TerminalBar
+
+if TYPE_CHECKING:
+    from updater.flow import Flow
 
 log = logging.getLogger("updater")
 
@@ -43,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="progress display: a bar on a terminal, JSON lines on stdout, or none",
     )
+    sub.add_parser("health-check", help="at boot: commit a healthy trial boot or roll back")
+    status = sub.add_parser("status", help="slots, state, versions, last result")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("mark-good", help="keep the booted slot (commit it)")
+    sub.add_parser("mark-bad", help="drop the booted slot or the pending update (roll back)")
     return p
 
 
@@ -68,8 +80,13 @@ def _progress_sinks(mode: str) -> list[Callable[[ProgressEvent], None]]:
     return []
 
 
+def _flow(config: Config, sinks: Sequence[Callable[[ProgressEvent], None]] = ()) -> Flow:
+    from updater.flow import Flow
+
+    return Flow(config, progress_sinks=sinks)
+
+
 def cmd_install(args: argparse.Namespace) -> int:
-    from updater.install import Installer
     from updater.plan import make_plan
     from updater.task import parse_task
 
@@ -85,20 +102,91 @@ def cmd_install(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.describe())
         return 0
-    progress = Progress(plan.total_bytes, sinks)
-    result = Installer(plan, config, progress).run()
-    if not result.already_installed:
-        log.info(
-            "task %s installed%s: %d bytes received for %d bytes of files",
-            result.task_id,
-            f" into slot {result.slot}" if result.slot else "",
-            result.bytes_received,
-            plan.total_bytes,
-        )
+    with StateLock(Path(config.state_dir)):
+        flow = _flow(config, sinks)
+        record = flow.install(task, plan)
+    if flow.error is not None:
+        raise flow.error
+    if record.state == State.ARMED:
+        what = "rebooting into it" if flow.rebooted else "reboot required"
+        log.info("version %s installed in slot %s; %s", task.version, record.slot, what)
+    elif record.last_result.get("result") == "committed":
+        log.info("version %s installed (nothing to reboot)", task.version)
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"install": cmd_install}
+def cmd_health_check(args: argparse.Namespace) -> int:
+    """At boot: judge a trial boot (commit or roll back), or record why the trial failed."""
+    config = load_config(args.config)
+    with StateLock(Path(config.state_dir)):
+        flow = _flow(config)
+        before = flow.record.state
+        record = flow.resume()
+    if before == State.IDLE:
+        log.info("no update pending")
+        return 0
+    result = record.last_result.get("result")
+    if record.state == State.IDLE and result != "committed":
+        log.error(
+            "update %s failed: %s",
+            record.last_result.get("version"),
+            record.last_result.get("reason"),
+        )
+        return 1
+    log.info("state %s%s", record.state, f" (update {result})" if result else "")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    info = _flow(config).status()
+    if args.json:
+        print(json.dumps(info, indent=1, sort_keys=True))
+        return 0
+    versions = info.get("versions")
+    assert isinstance(versions, dict)
+    print(f"booted slot:   {info.get('booted') or info.get('booted_error')}")
+    print(f"primary slot:  {info.get('primary') or info.get('bootloader_error')}")
+    print(f"trial boot:    {'yes' if info.get('trial') else 'no'}  ({info['bootloader']})")
+    print(f"state:         {info['state']}")
+    update = info.get("update")
+    if isinstance(update, dict):
+        print(
+            f"update:        version {update['version']} -> slot {update['slot']}"
+            + ("  (reboot required)" if update["reboot_required"] else "")
+        )
+    print(f"version:       {versions.get('combined') or 'unknown'}")
+    for target, version in versions.items():
+        if target != "combined":
+            print(f"  {target:12} {version}")
+    last = info.get("last_result")
+    if isinstance(last, dict):
+        reason = f": {last['reason']}" if last.get("reason") else ""
+        print(f"last result:   {last.get('result')} {last.get('version')}{reason}")
+    return 0
+
+
+def cmd_mark_good(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    with StateLock(Path(config.state_dir)):
+        _flow(config).mark_good()
+    return 0
+
+
+def cmd_mark_bad(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    with StateLock(Path(config.state_dir)):
+        _flow(config).mark_bad()
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "install": cmd_install,
+    "health-check": cmd_health_check,
+    "status": cmd_status,
+    "mark-good": cmd_mark_good,
+    "mark-bad": cmd_mark_bad,
+}
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -101,6 +101,9 @@ class TargetConfig:
     program: str | None = None  # hook: the program that reads the bytes on stdin
     pre_install: str | None = None
     post_install: str | None = None
+    #: A regular expression matched against the file name; its first group is the version the
+    #: file installs (``boot-(.+)\.img``). Without it the version comes from the task.
+    version_pattern: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +124,52 @@ class DownloadConfig:
 class SystemConfig:
     cmdline: str = "/proc/cmdline"
     mountinfo: str = "/proc/self/mountinfo"
+    boot_id: str = "/proc/sys/kernel/random/boot_id"  # tells one boot from the next
 
 
 @dataclass(frozen=True, slots=True)
 class HooksConfig:
     timeout: float = 300.0
+
+
+BootloaderKind = Literal["tryboot", "uboot"]
+RebootPolicy = Literal["now", "delay", "never"]
+
+
+@dataclass(frozen=True, slots=True)
+class BootloaderConfig:
+    """Which bootloader flips the slots, and where its state lives."""
+
+    type: BootloaderKind = "tryboot"
+    # tryboot: autoboot.txt on FAT partition 1 (mounted), the boot partition of each slot, the
+    # firmware's view in the device tree, and its mailbox.
+    autoboot: str = "/boot/autoboot/autoboot.txt"
+    partitions: dict[str, int] = field(default_factory=lambda: {"A": 2, "B": 3})
+    device_tree: str = "/proc/device-tree/chosen/bootloader"
+    vcio: str = "/dev/vcio"
+    # uboot: the environment through fw_printenv/fw_setenv.
+    fw_env_config: str = "/etc/fw_env.config"
+    bootlimit: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RebootConfig:
+    """What ``install`` does once the new slot is armed."""
+
+    policy: RebootPolicy = "now"
+    delay: float = 60.0
+    command: tuple[str, ...] = ("systemctl", "reboot")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """What the health check after a trial boot requires before it commits the slot."""
+
+    units: tuple[str, ...] = ()  # systemd units that must be active
+    system_running: bool = True  # `systemctl is-system-running` must not say degraded
+    directory: str = "/etc/rpi-updater/health.d"  # executables that must exit 0
+    timeout: float = 120.0  # per check
+    max_resumes: int = 3  # a state resumed more often than this rolls back (boot loops)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +181,9 @@ class Config:
     system: SystemConfig = field(default_factory=SystemConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     state_dir: str = DEFAULT_STATE_DIR
+    bootloader: BootloaderConfig = field(default_factory=BootloaderConfig)
+    reboot: RebootConfig = field(default_factory=RebootConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -407,7 +454,17 @@ def _duration(value: object, key: str) -> float:
 
 # --------------------------------------------------------------------------- top level
 
-_TOP_KEYS = ("state_dir", "slots", "targets", "download", "hooks", "system")
+_TOP_KEYS = (
+    "state_dir",
+    "slots",
+    "targets",
+    "download",
+    "hooks",
+    "system",
+    "bootloader",
+    "reboot",
+    "health",
+)
 
 
 def _parse_top(data: object, path: str) -> Config:
@@ -423,6 +480,9 @@ def _parse_top(data: object, path: str) -> Config:
         hooks=_parse_hooks(top.get("hooks")),
         system=_parse_system(top.get("system")),
         state_dir=state_dir,
+        bootloader=_parse_bootloader(top.get("bootloader")),
+        reboot=_parse_reboot(top.get("reboot")),
+        health=_parse_health(top.get("health")),
     )
 
 
@@ -606,7 +666,16 @@ def _overlap(a: PartSpec, b: PartSpec) -> bool:
 
 # --------------------------------------------------------------------------- targets
 
-_TARGET_KEYS = ("name", "match", "slot_part", "file", "hook", "pre_install", "post_install")
+_TARGET_KEYS = (
+    "name",
+    "match",
+    "slot_part",
+    "file",
+    "hook",
+    "pre_install",
+    "post_install",
+    "version_pattern",
+)
 _TARGET_KINDS: dict[str, TargetKind] = {"slot_part": "slot", "file": "file", "hook": "hook"}
 _TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _NOT_FOR_FILES = ("/dev", "/proc", "/sys")
@@ -644,7 +713,19 @@ def _parse_target(value: object, key: str, part_names: tuple[str, ...]) -> Targe
         program=_abs_path(dest, dest_key) if kind == "hook" else None,
         pre_install=_optional(given, key, "pre_install", _abs_path, None),
         post_install=_optional(given, key, "post_install", _abs_path, None),
+        version_pattern=_optional(given, key, "version_pattern", _regex_with_group, None),
     )
+
+
+def _regex_with_group(value: object, key: str) -> str:
+    text = _string(value, key)
+    try:
+        compiled = re.compile(text)
+    except re.error as err:
+        raise _Invalid(key, f"is not a valid regular expression: {err}") from None
+    if compiled.groups < 1:
+        raise _Invalid(key, "needs a group, (...), that captures the version")
+    return text
 
 
 def _target_name(value: object, key: str) -> str:
@@ -776,9 +857,129 @@ def _parse_hooks(value: object) -> HooksConfig:
 
 def _parse_system(value: object) -> SystemConfig:
     """Where the booted slot is read from; tests and the reboot harness point these at files."""
-    given = _section(value, "system", ("cmdline", "mountinfo"))
+    given = _section(value, "system", ("cmdline", "mountinfo", "boot_id"))
     base = SystemConfig()
     return SystemConfig(
         cmdline=_optional(given, "system", "cmdline", _abs_path, base.cmdline),
         mountinfo=_optional(given, "system", "mountinfo", _abs_path, base.mountinfo),
+        boot_id=_optional(given, "system", "boot_id", _abs_path, base.boot_id),
     )
+
+
+# --------------------------------------------------------------------------- boot flow
+
+_BOOTLOADER_KEYS = (
+    "type",
+    "autoboot",
+    "partitions",
+    "device_tree",
+    "vcio",
+    "fw_env_config",
+    "bootlimit",
+)
+
+
+def _parse_bootloader(value: object) -> BootloaderConfig:
+    given = _section(value, "bootloader", _BOOTLOADER_KEYS)
+    base = BootloaderConfig()
+    key = "bootloader"
+    return BootloaderConfig(
+        type=_optional(given, key, "type", _bootloader_type, base.type),
+        autoboot=_optional(given, key, "autoboot", _abs_path, base.autoboot),
+        partitions=_optional(given, key, "partitions", _partitions, base.partitions),
+        device_tree=_optional(given, key, "device_tree", _abs_path, base.device_tree),
+        vcio=_optional(given, key, "vcio", _abs_path, base.vcio),
+        fw_env_config=_optional(given, key, "fw_env_config", _abs_path, base.fw_env_config),
+        bootlimit=_optional(given, key, "bootlimit", _bootlimit, base.bootlimit),
+    )
+
+
+def _bootlimit(value: object, key: str) -> int:
+    """1..8: the boot script counts with setexpr (hex) and compares with test (decimal), which
+    agree only on single digits."""
+    limit = _positive_int(value, key)
+    if limit > 8:
+        raise _Invalid(
+            key, f"must be at most 8 (the boot script counts in one hex digit), not {limit}"
+        )
+    return limit
+
+
+def _bootloader_type(value: object, key: str) -> BootloaderKind:
+    text = _string(value, key)
+    if text == "tryboot":
+        return "tryboot"
+    if text == "uboot":
+        return "uboot"
+    raise _Invalid(key, f"{text!r} is not a bootloader this updater drives: tryboot or uboot")
+
+
+def _partitions(value: object, key: str) -> dict[str, int]:
+    given = _mapping(value, key, SLOT_NAMES)
+    parts = {name: _int(_required(given, key, name), _sub(key, name), 1) for name in SLOT_NAMES}
+    if parts["A"] == parts["B"]:
+        raise _Invalid(key, "slots A and B need different boot partitions")
+    return parts
+
+
+def _parse_reboot(value: object) -> RebootConfig:
+    given = _section(value, "reboot", ("policy", "delay", "command"))
+    base = RebootConfig()
+    return RebootConfig(
+        policy=_optional(given, "reboot", "policy", _reboot_policy, base.policy),
+        delay=_optional(given, "reboot", "delay", _duration, base.delay),
+        command=_optional(given, "reboot", "command", _command, base.command),
+    )
+
+
+def _reboot_policy(value: object, key: str) -> RebootPolicy:
+    text = _string(value, key)
+    if text == "now":
+        return "now"
+    if text == "delay":
+        return "delay"
+    if text == "never":
+        return "never"
+    raise _Invalid(key, f"{text!r}: expected now, delay or never")
+
+
+def _command(value: object, key: str) -> tuple[str, ...]:
+    """A program and its arguments as a list (never a shell string): the first an absolute path
+    or a plain program name."""
+    if not isinstance(value, list) or not value:
+        raise _Invalid(
+            key, f"must be a non-empty list (program and arguments), not {_describe(value)}"
+        )
+    words = tuple(_string(item, f"{key}[{index}]") for index, item in enumerate(value))
+    if "/" in words[0] and not words[0].startswith("/"):
+        raise _Invalid(f"{key}[0]", f"{words[0]!r} is relative; give an absolute path or a name")
+    return words
+
+
+def _parse_health(value: object) -> HealthConfig:
+    keys = ("units", "system_running", "directory", "timeout", "max_resumes")
+    given = _section(value, "health", keys)
+    base = HealthConfig()
+    return HealthConfig(
+        units=_optional(given, "health", "units", _units, base.units),
+        system_running=_optional(given, "health", "system_running", _bool, base.system_running),
+        directory=_optional(given, "health", "directory", _abs_path, base.directory),
+        timeout=_optional(given, "health", "timeout", _duration, base.timeout),
+        max_resumes=_optional(given, "health", "max_resumes", _positive_int, base.max_resumes),
+    )
+
+
+def _units(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(key, f"must be a list of systemd unit names, not {_describe(value)}")
+    units = tuple(_string(item, f"{key}[{index}]") for index, item in enumerate(value))
+    for index, unit in enumerate(units):
+        if unit.startswith("-") or "/" in unit or any(c.isspace() for c in unit):
+            raise _Invalid(f"{key}[{index}]", f"{unit!r} is not a unit name")
+    return units
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(key, f"must be true or false, not {_describe(value)}")
+    return value

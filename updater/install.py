@@ -37,6 +37,7 @@ from updater.sinks import (
     Sink,
     apply_file,
     discard_staging,
+    kept_path,
     restore_file,
     staging_path,
 )
@@ -45,6 +46,8 @@ from updater.stream import FileStream
 log = logging.getLogger("updater.install")
 
 JOURNAL_VERSION = 1
+#: Journal states in which every file of the task is verified on its target.
+DOWNLOADED = ("downloaded", "applying", "installed", "committed")
 
 
 @dataclass(slots=True)
@@ -83,14 +86,22 @@ class Installer:
     # -- the whole run -------------------------------------------------------------------------
 
     def run(self) -> InstallResult:
+        """Download and apply, holding the state lock (the engine on its own, without the boot
+        flow: see :mod:`updater.flow` for the whole update)."""
         with StateLock(Path(self.config.state_dir)):
             self.journal.reload()
-            return self._run()
+            self.download()
+            self.apply()
+            return self.result
 
-    def _run(self) -> InstallResult:
+    def download(self) -> InstallResult:
+        """Stream and verify every file, clone the parts the package does not bring.
+
+        Progress reaches 100 here: every file is verified. The caller holds the state lock.
+        """
         task = self.plan.task
-        if self._same_task() and self.journal.data.get("state") == "installed":
-            log.info("task %s is already installed in slot %s", task.task_id, self.plan.slot)
+        if self._same_task() and self.journal.data.get("state") in DOWNLOADED:
+            log.info("task %s: every file is already verified", task.task_id)
             self.result.already_installed = True
             self.progress.start()
             self.progress.set_done(self.plan.total_bytes)
@@ -101,12 +112,34 @@ class Installer:
         else:
             self._fresh_journal()
         self.progress.start()
+        self._guard(self._download)
+        self._set_state("downloaded")
+        self.progress.done()
+        log.info(
+            "task %s: %d bytes received for %d bytes of files",
+            task.task_id,
+            self.result.bytes_received,
+            self.plan.total_bytes,
+        )
+        return self.result
+
+    def apply(self) -> None:
+        """Rename staged files into place and run the post-install hooks (idempotent)."""
+        if self.journal.data.get("state") == "installed":
+            return
+        self._guard(self._apply)
+        self._set_state("installed")
+
+    def _download(self) -> None:
+        for item in self.plan.items:
+            self._install_file(item)
+        for clone in self.plan.clones:
+            self._clone(clone)
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        """Run ``work``; any failure is recorded (journal, progress) before it propagates."""
         try:
-            for item in self.plan.items:
-                self._install_file(item)
-            for clone in self.plan.clones:
-                self._clone(clone)
-            self._apply()
+            work()
         except UpdaterError as err:
             self._fail(err)
             raise
@@ -114,9 +147,6 @@ class Installer:
             wrapped = UpdaterError(f"unexpected error: {err!r}")
             self._fail(wrapped)
             raise wrapped from err
-        self._set_state("installed")
-        self.progress.done()
-        return self.result
 
     def _same_task(self) -> bool:
         data = self.journal.data
@@ -132,7 +162,7 @@ class Installer:
         File targets an unfinished older task already renamed into place are put back first
         (anything not known to be installed is rolled back).
         """
-        if self.journal.data.get("state") != "installed":
+        if self.journal.data.get("state") not in ("installed", "committed"):
             self._undo_files(lambda record: bool(record.get("applied") or record.get("restoring")))
         for item in self.plan.items:
             if item.dest is not None:
@@ -352,35 +382,7 @@ class Installer:
         log.info("%s: installed %s", name, item.dest)
 
     def _undo_files(self, which: Callable[[dict[str, Any]], bool]) -> None:
-        """Put back the old content of applied file targets; the new content is fetched again.
-
-        Each file is marked ``restoring`` before its old content goes back, so a crash in the
-        middle is finished by the next run (:meth:`_finish_restores`). Every file is tried even
-        when one fails; the first failure is raised at the end.
-        """
-        files: dict[str, dict[str, Any]] = self.journal.data.get("files", {})
-        first: UpdaterError | None = None
-        for name, record in reversed(list(files.items())):
-            if not which({**record, "name": name}) or not record.get("dest"):
-                continue
-            try:
-                self.journal.update_file(name, restoring=True)
-                restore_file(Path(record["dest"]), had_old=bool(record.get("had_old")))
-                self.journal.update_file(
-                    name,
-                    verified=False,
-                    durable=0,
-                    applied=False,
-                    had_old=None,
-                    restoring=False,
-                    digest=None,
-                )
-                log.info("%s: restored the previous %s", name, record["dest"])
-            except UpdaterError as err:
-                log.error("%s: cannot restore %s: %s", name, record["dest"], err.message)
-                first = first or err
-        if first is not None:
-            raise first
+        undo_files(self.journal, which)
 
     def _finish_restores(self) -> None:
         self._undo_files(lambda record: bool(record.get("restoring")))
@@ -400,3 +402,56 @@ def _was_applied(record: dict[str, Any]) -> bool:
     if not dest:
         return False
     return bool(record.get("restoring")) or _applied(Path(dest), record)
+
+
+# -- file targets after the reboot: rollback and commit ----------------------------------------
+
+
+def undo_files(journal: Journal, which: Callable[[dict[str, Any]], bool]) -> None:
+    """Put back the old content of applied file targets; the new content is fetched again.
+
+    Each file is marked ``restoring`` before its old content goes back, so a crash in the
+    middle is finished by the next run. Every file is tried even when one fails; the first
+    failure is raised at the end.
+    """
+    files: dict[str, dict[str, Any]] = journal.data.get("files", {})
+    first: UpdaterError | None = None
+    for name, record in reversed(list(files.items())):
+        if not which({**record, "name": name}) or not record.get("dest"):
+            continue
+        try:
+            journal.update_file(name, restoring=True)
+            restore_file(Path(record["dest"]), had_old=bool(record.get("had_old")))
+            journal.update_file(
+                name,
+                verified=False,
+                durable=0,
+                applied=False,
+                had_old=None,
+                restoring=False,
+                digest=None,
+            )
+            log.info("%s: restored the previous %s", name, record["dest"])
+        except UpdaterError as err:
+            log.error("%s: cannot restore %s: %s", name, record["dest"], err.message)
+            first = first or err
+    if first is not None:
+        raise first
+
+
+def undo_file_targets(journal: Journal) -> None:
+    """Put back every file target the journal's task applied (a rollback after the reboot)."""
+    undo_files(journal, _was_applied)
+
+
+def commit_file_targets(journal: Journal) -> None:
+    """The update is kept: the old content of its file targets is no longer needed."""
+    files: dict[str, dict[str, Any]] = journal.data.get("files", {})
+    for name, record in files.items():
+        dest = record.get("dest")
+        if dest and record.get("applied"):
+            with contextlib.suppress(FileNotFoundError):
+                kept_path(Path(dest)).unlink()
+            journal.update_file(name, committed=True)
+    journal.data["state"] = "committed"
+    journal.save()

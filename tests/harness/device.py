@@ -23,6 +23,7 @@ import yaml
 from .loopdev import LoopDevices, make_sparse_image
 
 MiB = 1 << 20
+AUTOBOOT_A = "[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n"
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
@@ -58,8 +59,9 @@ class Device:
     config: dict[str, object] = field(default_factory=dict)
 
     def write_config(self, **overrides: object) -> Path:
-        data = {**self.config, **overrides}
-        self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        """Write the config with ``overrides`` (top-level keys); they stay for later writes."""
+        self.config.update(overrides)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         return self.config_path
 
     def task_file(self, task: dict[str, object], name: str = "task.json") -> Path:
@@ -152,6 +154,16 @@ def build_device(
     )
     mountinfo = root / "mountinfo"
     mountinfo.write_text(_mountinfo(parts["A.root"] if loops is not None else None))
+    # The Pi side, as the firmware leaves it after booting slot A: autoboot.txt on partition 1
+    # (a plain directory here: the kernel cannot mount vfat), the device-tree values, a boot id.
+    firmware = root / "autoboot"
+    firmware.mkdir(exist_ok=True)
+    (firmware / "autoboot.txt").write_text(AUTOBOOT_A)
+    device_tree = root / "device-tree"
+    device_tree.mkdir(exist_ok=True)
+    for name, value in (("partition", 2), ("tryboot", 0), ("capabilities", 0xC)):
+        (device_tree / name).write_bytes(value.to_bytes(4, "big"))
+    (root / "boot_id").write_text("boot-1\n")
     etc = root / "etc"
     etc.mkdir(exist_ok=True)
     hooks_dir = root / "hooks"
@@ -185,7 +197,19 @@ def build_device(
             "buffer_size": 256 * 1024,
             "fsync_interval": 1 * MiB,
         },
-        "system": {"cmdline": str(cmdline), "mountinfo": str(mountinfo)},
+        "system": {
+            "cmdline": str(cmdline),
+            "mountinfo": str(mountinfo),
+            "boot_id": str(root / "boot_id"),
+        },
+        "bootloader": {
+            "type": "tryboot",
+            "autoboot": str(firmware / "autoboot.txt"),
+            "device_tree": str(device_tree),
+            "vcio": str(root / "no-vcio"),
+        },
+        "reboot": {"policy": "never"},
+        "health": {"system_running": False, "directory": str(root / "health.d")},
     }
     device.write_config()
     return device

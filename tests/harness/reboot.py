@@ -1,0 +1,80 @@
+"""The reboot harness: what happens between ``systemctl reboot`` and the next boot's health check.
+
+A real reboot cannot happen here, so the harness plays the parts no machine here has, following
+their documented behaviour: the reboot command is a small recorder (it writes its arguments and
+returns); :meth:`RebootHarness.boot` then applies the Pi firmware's decision (:class:`PiFirmware`:
+the one-shot tryboot flag, set by ``reboot "0 tryboot"``, selects the ``[tryboot]`` partition for
+one boot; any other reset boots ``[all]``), and rewrites what the next boot's Linux would show: the
+kernel command line (``root=PARTUUID=...``), the mounted root in mountinfo, the device-tree values
+and a new boot id. The updater is a separate process each time, as after a real reboot.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .device import Device
+from .pifirmware import PiFirmware
+
+PARTUUIDS = {"A": "1234abcd-05", "B": "1234abcd-06"}
+BOOT_PARTITIONS = {"A": 2, "B": 3}
+
+
+class RebootHarness:
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.root = device.root
+        self.requests = self.root / "reboot-requests"
+        recorder = device.hooks_dir / "reboot"
+        recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {self.requests}\n')
+        recorder.chmod(0o755)
+        self.recorder = recorder
+        self.firmware = PiFirmware(
+            self.root / "autoboot" / "autoboot.txt",
+            self.root / "device-tree",
+            partitions=BOOT_PARTITIONS,
+        )
+        self.boots = 1
+        self.history: list[str] = ["A"]
+
+    def configure(self, policy: str = "now") -> None:
+        """Point the updater's reboot command at the recorder."""
+        self.device.write_config(reboot={"policy": policy, "command": [str(self.recorder)]})
+
+    def reboot_requests(self) -> list[str]:
+        if not self.requests.exists():
+            return []
+        return self.requests.read_text().splitlines()
+
+    def boot(self) -> str:
+        """The device resets (after a requested reboot, a watchdog, a power cut: the firmware
+        cannot tell) and boots; returns the slot that runs now."""
+        requests = self.reboot_requests()
+        tryboot = bool(requests) and "tryboot" in requests[-1].split()
+        if self.requests.exists():
+            self.requests.unlink()
+        partition = self.firmware.boot(tryboot)
+        slot = next(s for s, p in BOOT_PARTITIONS.items() if p == partition)
+        self._linux_sees(slot)
+        self.history.append(slot)
+        return slot
+
+    def _linux_sees(self, slot: str) -> None:
+        cmdline = Path(str(self.device.config["system"]["cmdline"]))  # type: ignore[index]
+        cmdline.write_text(
+            f"console=serial0,115200 root=PARTUUID={PARTUUIDS[slot]} rootfstype=ext4 rootwait\n"
+        )
+        mountinfo = Path(str(self.device.config["system"]["mountinfo"]))  # type: ignore[index]
+        region = self.device.parts[f"{slot}.root"]
+        if region.offset == 0 and region.path.is_block_device():
+            rdev = region.path.stat().st_rdev
+            majmin, source = f"{os.major(rdev)}:{os.minor(rdev)}", str(region.path)
+        else:
+            majmin, source = "254:0", "/dev/vda"
+        mountinfo.write_text(
+            f"21 1 {majmin} / / rw,relatime shared:1 - ext4 {source} rw\n"
+            "22 21 0:5 / /proc rw,nosuid,nodev,noexec,relatime shared:2 - proc proc rw\n"
+        )
+        self.boots += 1
+        (self.root / "boot_id").write_text(f"boot-{self.boots}\n")

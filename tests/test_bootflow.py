@@ -1,0 +1,230 @@
+"""The A/B boot flow end to end with the tryboot backend: install, arm, reboot, health check,
+commit or roll back, through the reboot harness (the firmware's documented decision).
+
+Each step is a separate ``rpi-updater`` process, as across real reboots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Docroot, Nginx, require
+from tests.harness.device import Device, MiB, build_device, task_for
+from tests.harness.nginx import ServedFile
+from tests.harness.reboot import RebootHarness
+
+
+@pytest.fixture
+def trusted_dir() -> Iterator[Path]:
+    """A root-owned 0755 directory for health checks (pytest's tmp_path is under 1777 /tmp)."""
+    require(os.geteuid() == 0, "health checks must be root-owned: run the tests as root")
+    path = Path(tempfile.mkdtemp(prefix="rpi-updater-health-", dir="/run"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def device(tmp_path: Path, nginx: Nginx, trusted_dir: Path) -> Device:
+    dev = build_device(tmp_path / "dev", loops=None, ca_file=nginx.ca_file)
+    health = dict(dev.config["health"])  # type: ignore[call-overload]
+    health["directory"] = str(trusted_dir)
+    dev.write_config(health=health)
+    return dev
+
+
+@pytest.fixture
+def harness(device: Device) -> RebootHarness:
+    h = RebootHarness(device)
+    h.configure("now")
+    return h
+
+
+def health_check(trusted_dir: Path, ok: bool) -> None:
+    script = trusted_dir / "10-app"
+    script.write_text(
+        "#!/bin/sh\n" + ("exit 0\n" if ok else "echo app did not start >&2\nexit 1\n")
+    )
+    script.chmod(0o755)
+
+
+def package(
+    docroot: Docroot, nginx: Nginx, tag: str
+) -> tuple[dict[str, object], dict[str, ServedFile]]:
+    files = {
+        "boot.img": docroot.add_random(1 * MiB, name=f"boot-{tag}.img"),
+        "rootfs.img": docroot.add_random(2 * MiB, name=f"rootfs-{tag}.img"),
+        "app.conf": docroot.add_bytes(f"app-{tag}.conf", f"version = {tag}\n".encode()),
+    }
+    entries = [(name, nginx.url(f.name), f.size, f.sha256) for name, f in files.items()]
+    task = task_for(entries, version=f"{tag}-boot{tag}-root{tag}-conf")
+    data = task["data"]
+    assert isinstance(data, dict)
+    data["extData"] = {
+        "versions": {
+            "boot.img": f"{tag}-boot",
+            "rootfs.img": f"{tag}-root",
+            "app.conf": f"{tag}-conf",
+        }
+    }
+    data["version"] = f"{tag}-boot{tag}-root{tag}-conf"
+    return task, files
+
+
+def status(device: Device) -> dict[str, object]:
+    result = device.run("status", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert isinstance(info, dict)
+    return info
+
+
+def autoboot_primary(device: Device) -> str:
+    text = (device.root / "autoboot" / "autoboot.txt").read_text()
+    all_section = text.split("[tryboot]")[0]
+    return "B" if "boot_partition=3" in all_section else "A"
+
+
+# -- the cycles ----------------------------------------------------------------------------------
+
+
+def test_success_commits_the_new_slot_and_records_the_versions(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
+) -> None:
+    health_check(trusted_dir, ok=True)
+    task, files = package(docroot, nginx, "a1")
+    (device.etc / "app.conf").write_bytes(b"version = a0\n")
+
+    installed = device.run("install", str(device.task_file(task)))
+
+    assert installed.returncode == 0, installed.stderr
+    assert harness.reboot_requests() == ["0 tryboot"], installed.stderr
+    assert status(device)["state"] == "armed"
+    assert autoboot_primary(device) == "A", "nothing committed before the trial"
+
+    assert harness.boot() == "B"
+    checked = device.run("health-check")
+
+    assert checked.returncode == 0, checked.stderr
+    info = status(device)
+    assert info["state"] == "idle"
+    assert info["booted"] == "B" and info["primary"] == "B"
+    assert autoboot_primary(device) == "B"
+    assert info["versions"] == {
+        "combined": "a1-boota1-roota1-conf",
+        "boot": "a1-boot",
+        "rootfs": "a1-root",
+        "config": "a1-conf",
+    }
+    last = info["last_result"]
+    assert isinstance(last, dict) and last["result"] == "committed"
+    assert (device.etc / "app.conf").read_bytes() == b"version = a1\n"
+    assert not (device.etc / ".app.conf.rpi-updater-old").exists(), "kept content dropped"
+    assert device.parts["B.root"].read(files["rootfs.img"].size) == files["rootfs.img"].read_bytes()
+    assert harness.boot() == "B", "a plain reset keeps the committed slot"
+
+
+def test_a_failed_health_check_rolls_back_and_reboots_into_the_old_slot(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
+) -> None:
+    health_check(trusted_dir, ok=False)
+    task, _ = package(docroot, nginx, "a1")
+    (device.etc / "app.conf").write_bytes(b"version = a0\n")
+    task_path = device.task_file(task)
+    assert device.run("install", str(task_path)).returncode == 0
+    assert harness.boot() == "B"
+
+    checked = device.run("health-check")
+
+    assert checked.returncode == 1
+    assert "health check failed: 10-app failed: app did not start" in checked.stderr
+    assert harness.reboot_requests() == [""], "a plain reboot back to the old slot"
+    assert (device.etc / "app.conf").read_bytes() == b"version = a0\n", "file target restored"
+    assert autoboot_primary(device) == "A"
+    assert harness.boot() == "A"
+    assert device.run("health-check").returncode == 0  # nothing pending any more
+    info = status(device)
+    assert info["state"] == "idle" and info["booted"] == "A"
+    last = info["last_result"]
+    assert isinstance(last, dict) and last["result"] == "failed"
+    assert "app did not start" in str(last["reason"])
+
+    again = device.run("install", str(task_path))
+
+    assert again.returncode == 2
+    assert "slot B already failed its trial boot for this package" in again.stderr
+    assert harness.reboot_requests() == []
+
+
+def test_a_trial_that_never_reaches_the_health_check_is_recorded(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
+) -> None:
+    health_check(trusted_dir, ok=True)
+    task, _ = package(docroot, nginx, "a1")
+    assert device.run("install", str(device.task_file(task))).returncode == 0
+    assert harness.boot() == "B"
+    # The new kernel hangs; the watchdog resets the board before the health check ran.
+    assert harness.boot() == "A"
+
+    checked = device.run("health-check")
+
+    assert checked.returncode == 1
+    info = status(device)
+    assert info["state"] == "idle" and info["booted"] == "A" and info["primary"] == "A"
+    last = info["last_result"]
+    assert isinstance(last, dict)
+    assert "did not reach the health check: the device came back on slot A" in str(last["reason"])
+
+
+def test_a_second_update_after_a_rollback_succeeds(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
+) -> None:
+    health_check(trusted_dir, ok=False)
+    first, _ = package(docroot, nginx, "a1")
+    assert device.run("install", str(device.task_file(first, "first.json"))).returncode == 0
+    harness.boot()
+    assert device.run("health-check").returncode == 1
+    assert harness.boot() == "A"
+    health_check(trusted_dir, ok=True)
+    second, _ = package(docroot, nginx, "a2")
+
+    assert device.run("install", str(device.task_file(second, "second.json"))).returncode == 0
+    assert harness.boot() == "B"
+    assert device.run("health-check").returncode == 0
+
+    info = status(device)
+    assert info["booted"] == "B" and info["primary"] == "B"
+    versions = info["versions"]
+    assert isinstance(versions, dict) and versions["combined"] == "a2-boota2-roota2-conf"
+
+
+def test_an_update_while_a_reboot_is_pending_is_refused(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx
+) -> None:
+    harness.configure("never")
+    first, _ = package(docroot, nginx, "a1")
+    assert device.run("install", str(device.task_file(first, "first.json"))).returncode == 0
+    assert harness.reboot_requests() == []
+    assert status(device)["update"] == {
+        "task_id": status(device)["update"]["task_id"],  # type: ignore[index]
+        "version": "a1-boota1-roota1-conf",
+        "slot": "B",
+        "from_slot": "A",
+        "reboot_required": True,
+        "reason": "",
+    }
+    second, _ = package(docroot, nginx, "a2")
+
+    result = device.run("install", str(device.task_file(second, "second.json")))
+
+    assert result.returncode == 2
+    assert "is installed in slot B and waits for a reboot" in result.stderr

@@ -1,0 +1,413 @@
+"""The U-Boot backend and the shipped boot.cmd, against env files and the real libubootenv tools.
+
+Reboots are :class:`~tests.harness.ubootsim.UBootSim` runs: it interprets
+image-recipes/uboot/boot.cmd itself and persists with the real ``fw_setenv``, so what these
+tests see in the env file is what U-Boot would have left there. Linux's side is the real backend
+reading the command line the simulated U-Boot produced.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.harness import require
+from tests.harness.ubootsim import (
+    BOOT_CMD,
+    IMAGE_ENV,
+    SimError,
+    UBootSim,
+    commands,
+    env_image,
+    make_env,
+    parse_script,
+    printenv,
+    simple_strtol,
+    u_boot_test,
+)
+from updater.bootloader import BootloaderError
+from updater.bootloader.uboot import MAX_BOOTLIMIT, VAR_COUNT, VAR_LIMIT, VAR_SLOT, VAR_TRIAL, UBoot
+
+#: What the simulated U-Boot's saveenv adds to IMAGE_ENV: its defaults and the board's fdt_addr.
+SAVED_EXTRAS = {
+    "fdt_addr": "0x2eff2e00",
+    "kernel_addr_r": "0x00080000",
+    "rpi_kernel": "kernel8.img",
+}
+
+
+@pytest.fixture(autouse=True)
+def _libubootenv() -> None:
+    require(shutil.which("fw_setenv") is not None, "fw_setenv missing (package libubootenv-tool)")
+
+
+class Rig:
+    """An env file, the backend reading it, and U-Boot booting from it."""
+
+    def __init__(self, root: Path, *, redundant: bool = False, **env: str | None) -> None:
+        variables = {k: v for k, v in {**IMAGE_ENV, **env}.items() if v is not None}
+        self.config = make_env(root / "boot", variables, redundant=redundant)
+        self.cmdline = root / "cmdline"
+        self.cmdline.write_text("console=tty1 root=PARTUUID=1234abcd-05 rpi_updater.slot=A\n")
+        self.uboot = UBoot(fw_env_config=self.config, cmdline=self.cmdline)
+        self.sim = UBootSim(self.config, cmdline_out=self.cmdline)
+
+    def env(self) -> dict[str, str]:
+        variables = printenv(self.config)
+        assert variables is not None, "fw_printenv could not read the environment"
+        return variables
+
+    def ab(self) -> tuple[str, str, str]:
+        """(rpi_slot, upgrade_available, bootcount) as stored."""
+        env = self.env()
+        return env[VAR_SLOT], env[VAR_TRIAL], env[VAR_COUNT]
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# --------------------------------------------------------------------------- a fresh environment
+
+
+def test_fresh_env_is_slot_a_without_trial(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    out = subprocess.run(
+        ["fw_printenv", "-c", str(rig.config)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "rpi_slot=A\n" in out
+    assert "upgrade_available=0\n" in out
+    rig.uboot.check()
+    assert rig.uboot.primary_slot() == "A"
+    assert rig.uboot.booted_slot() == "A"
+    assert not rig.uboot.is_trial()
+    assert rig.sim.boot() == "A"
+    assert "root=PARTUUID=1234abcd-05" in rig.sim.last.cmdline
+    assert rig.sim.last.boot_partition == 2
+    assert rig.env() == IMAGE_ENV  # a boot without a trial writes nothing
+
+
+@pytest.mark.parametrize("redundant", [False, True])
+def test_env_image_is_what_mkenvimage_makes(tmp_path: Path, redundant: bool) -> None:
+    require(shutil.which("mkenvimage") is not None, "mkenvimage missing (package u-boot-tools)")
+    text = tmp_path / "env.txt"
+    text.write_text("".join(f"{k}={v}\n" for k, v in sorted(IMAGE_ENV.items())))
+    out = tmp_path / "env.bin"
+    flags = ["-r"] if redundant else []
+    subprocess.run(
+        ["mkenvimage", "-s", "0x4000", "-p", "0", *flags, "-o", str(out), str(text)], check=True
+    )
+    assert out.read_bytes() == env_image(IMAGE_ENV, flags=1 if redundant else None)
+
+
+# --------------------------------------------------------------------------- arm, commit, mark bad
+
+
+def test_arm_writes_the_trial_in_one_go(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.uboot.arm("B")
+    assert rig.env() == {**IMAGE_ENV, "rpi_slot": "B", "upgrade_available": "1", "bootcount": "0"}
+    assert rig.uboot.primary_slot() == "A"  # what boots if the trial is abandoned
+    assert not rig.uboot.is_trial()  # armed, but this boot (A) is not the trial
+    assert rig.uboot.reboot_argument(armed=True) is None
+
+
+def test_arm_adds_bootlimit_only_when_missing(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, bootlimit=None)
+    UBoot(fw_env_config=rig.config, cmdline=rig.cmdline, bootlimit=5).arm("B")
+    assert rig.env()[VAR_LIMIT] == "5"
+    rig2 = Rig(tmp_path / "2", bootlimit="2")
+    UBoot(fw_env_config=rig2.config, cmdline=rig2.cmdline, bootlimit=5).arm("B")
+    assert rig2.env()[VAR_LIMIT] == "2"
+
+
+def test_arming_the_primary_is_refused(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    with pytest.raises(BootloaderError, match=r"^uboot: refusing to arm slot A"):
+        rig.uboot.arm("A")
+    rig.uboot.arm("B")
+    with pytest.raises(BootloaderError, match="primary"):
+        rig.uboot.arm("A")  # during the trial A is primary
+    rig.uboot.arm("B")  # re-arming the armed slot is allowed: it restarts the count
+    with pytest.raises(BootloaderError, match="unknown slot"):
+        rig.uboot.arm("C")
+
+
+def test_trial_boot_then_commit(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.uboot.arm("B")
+    assert rig.sim.boot() == "B"
+    assert rig.sim.last.boot_partition == 3
+    assert rig.sim.last.cmdline.endswith("root=PARTUUID=1234abcd-06 rootwait rpi_updater.slot=B")
+    assert rig.ab() == ("B", "1", "1")
+    assert rig.uboot.booted_slot() == "B"
+    assert rig.uboot.is_trial()
+    assert rig.uboot.primary_slot() == "A"
+
+    rig.uboot.commit("B")  # the health check passed
+    assert rig.ab() == ("B", "0", "0")
+    assert rig.uboot.primary_slot() == "B"
+    assert not rig.uboot.is_trial()
+    for _ in range(4):
+        assert rig.sim.boot() == "B"
+        assert rig.ab() == ("B", "0", "0")
+        assert not rig.uboot.is_trial()
+
+
+def test_saveenv_persists_what_u_boot_would(tmp_path: Path) -> None:
+    """The trial boot's saveenv writes the whole in-memory env: the count, U-Boot's defaults and
+    board variables, but none of the helpers set after it (rpi_bootpart, bootargs)."""
+    rig = Rig(tmp_path)
+    rig.uboot.arm("B")
+    rig.sim.boot()
+    expected = {**IMAGE_ENV, **SAVED_EXTRAS, "rpi_slot": "B", "upgrade_available": "1"}
+    assert rig.env() == {**expected, "bootcount": "1"}
+
+
+@pytest.mark.parametrize("bootlimit", [1, 3, MAX_BOOTLIMIT])
+def test_uncommitted_trial_rolls_back_after_bootlimit(tmp_path: Path, bootlimit: int) -> None:
+    rig = Rig(tmp_path, bootlimit=None)
+    UBoot(fw_env_config=rig.config, cmdline=rig.cmdline, bootlimit=bootlimit).arm("B")
+    for count in range(1, bootlimit + 1):
+        assert rig.sim.boot() == "B"
+        assert rig.ab() == ("B", "1", str(count))
+        assert rig.uboot.is_trial()
+    assert rig.sim.boot() == "A"
+    assert rig.ab() == ("A", "0", "0")
+    assert any("rolling back" in line for line in rig.sim.last.log)
+    assert rig.uboot.booted_slot() == "A"
+    assert rig.uboot.primary_slot() == "A"
+    assert not rig.uboot.is_trial()
+    assert rig.sim.boot() == "A"
+
+
+def test_mark_bad_during_trial_boots_the_other_slot(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.uboot.arm("B")
+    assert rig.sim.boot() == "B"
+    rig.uboot.mark_bad("B")  # the health check failed
+    assert rig.ab() == ("A", "0", "0")
+    assert rig.uboot.primary_slot() == "A"
+    assert rig.sim.boot() == "A"
+    assert not rig.uboot.is_trial()
+
+
+def test_commit_is_idempotent_and_writes_nothing_when_committed(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    env_file = rig.config.parent / "uboot.env"
+    before = env_file.read_bytes()
+    rig.uboot.commit("A")
+    assert env_file.read_bytes() == before
+
+
+def test_missing_kernel_during_trial_resets_until_rollback(tmp_path: Path) -> None:
+    """A trial slot whose kernel will not load: the script resets, each run counts, and after
+    bootlimit runs slot A boots, all within one power-on."""
+    rig = Rig(tmp_path)
+    sim = UBootSim(rig.config, cmdline_out=rig.cmdline, missing_kernels=frozenset({3}))
+    rig.uboot.arm("B")
+    assert sim.boot() == "A"
+    assert sim.last.resets == 3
+    assert rig.ab() == ("A", "0", "0")
+
+
+# --------------------------------------------------------------------------- damaged environments
+
+
+def test_corrupt_env_is_an_error_not_a_reading(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.uboot.arm("B")
+    env_file = rig.config.parent / "uboot.env"
+    _flip_byte(env_file, 10)  # inside the variables: the CRC no longer matches
+    damaged = env_file.read_bytes()
+    tool = subprocess.run(["fw_printenv", "-c", str(rig.config)], capture_output=True, text=True)
+    assert tool.returncode != 0
+    assert "Cannot read environment" in tool.stderr
+    for verb in (rig.uboot.check, rig.uboot.primary_slot, rig.uboot.is_trial):
+        with pytest.raises(BootloaderError, match=r"^uboot: cannot read .* fails its CRC"):
+            verb()
+    with pytest.raises(BootloaderError, match="fails its CRC"):
+        rig.uboot.commit("A")
+    with pytest.raises(BootloaderError, match="fails its CRC"):
+        rig.uboot.mark_bad("B")
+    assert env_file.read_bytes() == damaged  # nothing written over it
+
+
+def test_u_boot_repairs_a_corrupt_env_by_booting_slot_a(tmp_path: Path) -> None:
+    """What the device does next: U-Boot runs on its built-in default env, the script sees no
+    rpi_slot, boots A and saves a complete env, which Linux can read again."""
+    rig = Rig(tmp_path)
+    _flip_byte(rig.config.parent / "uboot.env", 10)
+    assert rig.sim.boot() == "A"
+    assert rig.sim.last.env_was_default
+    assert any("bad CRC" in line for line in rig.sim.last.log)
+    rig.uboot.check()
+    assert rig.ab() == ("A", "0", "0")
+    assert {k: rig.env()[k] for k in IMAGE_ENV} == IMAGE_ENV
+
+
+def test_default_env_fallback_is_refused(tmp_path: Path) -> None:
+    """On a machine with /etc/u-boot-initial-env, fw_printenv answers a bad CRC with the default
+    environment and exit 0; the backend must still refuse (a wrapper adds ``-f`` here)."""
+    rig = Rig(tmp_path)
+    _flip_byte(rig.config.parent / "uboot.env", 10)
+    defaults = tmp_path / "u-boot-initial-env"
+    defaults.write_text("rpi_slot=B\nupgrade_available=0\n")
+    wrapper = tmp_path / "fw_printenv"
+    wrapper.write_text(f'#!/bin/sh\nexec fw_printenv -f "{defaults}" "$@"\n')
+    wrapper.chmod(0o755)
+    fallback = subprocess.run([str(wrapper), "-c", str(rig.config)], capture_output=True, text=True)
+    assert fallback.returncode == 0
+    assert "rpi_slot=B" in fallback.stdout  # a plausible, wrong answer
+    assert "Cannot read environment, using default" in fallback.stderr
+    uboot = UBoot(fw_env_config=rig.config, cmdline=rig.cmdline, tools=(str(wrapper), "fw_setenv"))
+    with pytest.raises(BootloaderError, match="fails its CRC"):
+        uboot.primary_slot()
+
+
+def test_env_without_a_valid_slot_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BootloaderError, match=r"rpi_slot='C'.*expected A or B"):
+        Rig(tmp_path / "c", rpi_slot="C").uboot.check()
+    with pytest.raises(BootloaderError, match=r"rpi_slot=''"):
+        Rig(tmp_path / "none", rpi_slot=None).uboot.check()
+    with pytest.raises(BootloaderError, match="upgrade_available='yes'"):
+        Rig(tmp_path / "trial", upgrade_available="yes").uboot.primary_slot()
+    with pytest.raises(BootloaderError, match=r"bootlimit=9 in the environment"):
+        Rig(tmp_path / "limit", bootlimit="9").uboot.check()
+
+
+# --------------------------------------------------------------------------- redundant copies
+
+
+def test_redundant_env_alternates_copies_through_a_trial(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, redundant=True)
+    first, second = rig.config.parent / "uboot.env", rig.config.parent / "uboot-redund.env"
+    rig.uboot.check()
+    rig.uboot.arm("B")
+    assert second.read_bytes()[4] == 2  # the older copy took the write, flags 0 -> 2
+    assert first.read_bytes() == env_image(IMAGE_ENV, flags=1)  # the previous state, intact
+    assert rig.sim.boot() == "B"
+    assert rig.uboot.is_trial()
+    rig.uboot.commit("B")
+    assert rig.ab() == ("B", "0", "0")
+    assert rig.sim.boot() == "B"
+
+
+def test_redundant_env_survives_a_torn_write(tmp_path: Path) -> None:
+    """A write cut half-way leaves the copy it wrote with a bad CRC: both libubootenv and U-Boot
+    then take the other copy, the state from before the write."""
+    rig = Rig(tmp_path, redundant=True)
+    rig.uboot.arm("B")
+    _flip_byte(rig.config.parent / "uboot-redund.env", 20)  # the copy arm() wrote
+    assert rig.ab() == ("A", "0", "0")
+    assert rig.uboot.primary_slot() == "A"
+    assert rig.sim.boot() == "A"
+    assert not rig.sim.last.env_was_default
+
+
+# --------------------------------------------------------------------------- the backend alone
+
+
+def test_booted_slot_comes_from_the_command_line(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    uboot = UBoot(fw_env_config=tmp_path / "none", cmdline=cmdline)
+    assert uboot.booted_slot() is None  # no file
+    cmdline.write_text("root=PARTUUID=1234abcd-06 rootwait\n")
+    assert uboot.booted_slot() is None
+    cmdline.write_text("rpi_updater.slot=A rpi_updater.slot=B quiet\n")
+    assert uboot.booted_slot() == "B"  # the last one, as the kernel reads it
+    cmdline.write_text("rpi_updater.slot=X\n")
+    assert uboot.booted_slot() is None
+
+
+def test_check_names_what_is_missing(tmp_path: Path) -> None:
+    config = make_env(tmp_path)
+    with pytest.raises(BootloaderError, match="fw_nothere not found"):
+        UBoot(fw_env_config=config, tools=("fw_nothere", "fw_setenv")).check()
+    with pytest.raises(BootloaderError, match="missing: fw_printenv cannot work"):
+        UBoot(fw_env_config=tmp_path / "absent.config").check()
+    with pytest.raises(BootloaderError, match=r"bootlimit 9 is outside 1\.\.8"):
+        UBoot(fw_env_config=config, bootlimit=MAX_BOOTLIMIT + 1)
+
+
+# --------------------------------------------------------------------------- boot.cmd itself
+
+
+def test_boot_cmd_compiles_with_mkimage(tmp_path: Path) -> None:
+    require(shutil.which("mkimage") is not None, "mkimage missing (package u-boot-tools)")
+    scr = tmp_path / "boot.scr"
+    result = subprocess.run(
+        ["mkimage", "-A", "arm64", "-O", "linux", "-T", "script", "-C", "none", "-d",
+         str(BOOT_CMD), str(scr)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Script" in result.stdout
+    assert scr.stat().st_size > BOOT_CMD.stat().st_size  # the legacy header (64 bytes) + lengths
+
+
+def test_boot_cmd_and_backend_share_the_contract() -> None:
+    """The names the backend reads and writes are the ones the script tests and sets, and the
+    script states the same bootlimit range: a rename on one side fails here."""
+    text = BOOT_CMD.read_text()
+    program = parse_script(text)
+    set_by_script = {c.words[1] for c in commands(program) if c.words[0] in ("setenv", "setexpr")}
+    for name in (VAR_SLOT, VAR_TRIAL, VAR_COUNT, VAR_LIMIT):
+        assert "${" + name + "}" in text, name
+        assert name in set_by_script, name
+    assert f"Keep it 1..{MAX_BOOTLIMIT}" in text
+    assert "test ${bootcount} -gt ${bootlimit}" in text
+    assert set(IMAGE_ENV) <= set_by_script  # the script has a default for every image variable
+
+
+def test_simulator_refuses_commands_it_does_not_know(tmp_path: Path) -> None:
+    script = tmp_path / "boot.cmd"
+    script.write_text("setenv rpi_slot A\nrun bootcmd_mmc0\n")
+    with pytest.raises(SimError, match="does not know 'run'"):
+        UBootSim(make_env(tmp_path / "env"), script=script).boot()
+    script.write_text("test -n x && setenv a b\n")
+    with pytest.raises(SimError, match="outside the supported hush subset"):
+        parse_script(script.read_text())
+    script.write_text("if test 1 -eq 1; then echo yes\n")
+    with pytest.raises(SimError, match="expected one of"):
+        parse_script(script.read_text())
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-z", ""], True),
+        (["-z"], False),  # fewer than two arguments: false (an unquoted empty variable)
+        (["-n", "x"], True),
+        (["A", "=", "A"], True),
+        (["A", "!=", "A"], False),
+        (["4", "-gt", "3"], True),
+        (["3", "-gt", "3"], False),
+        (["0x10", "-gt", "9"], True),  # base 0: hex with 0x
+        (["a", "-gt", "9"], False),  # setexpr's "a" (ten) reads as 0: why bootlimit <= 8
+        (["!", "1", "-eq", "2"], True),
+        (["1", "-eq", "2", "-o", "2", "-eq", "2"], True),
+        (["1", "-eq", "1", "-a", "2", "-eq", "3"], False),
+        (["word", "word2"], True),  # cmd/test.c: an unreadable expression is true
+    ],
+)
+def test_u_boot_test_semantics(args: list[str], expected: bool) -> None:
+    assert u_boot_test(args) is expected
+
+
+def test_setexpr_counts_in_hex(tmp_path: Path) -> None:
+    assert simple_strtol("9", 16) + 1 == 10
+    script = tmp_path / "boot.cmd"
+    script.write_text(
+        "setexpr bootcount 9 + 1\nsetenv bootargs rpi_updater.slot=${bootcount}\n"
+        "fatload mmc 0:2 ${kernel_addr_r} k\nbooti ${kernel_addr_r} - ${fdt_addr}\n"
+    )
+    sim = UBootSim(make_env(tmp_path / "env", {"kernel_addr_r": "0x80000"}), script=script)
+    assert sim.boot() == "a"
+    assert re.search(r"slot=a$", sim.last.cmdline)

@@ -1,0 +1,424 @@
+"""The whole update, driven by the state machine: one handler per state, each returning an event.
+
+Entry points (the CLI holds the state lock around each):
+
+- :meth:`Flow.install`: a new task: Download -> Install -> Armed, then reboot per the config (or
+  Commit at once when the task brings no slot part);
+- :meth:`Flow.resume`: whatever the persisted state says, after a restart or at boot (the health
+  check): a trial boot is checked and committed or rolled back; a device that came back on the old
+  slot records why the trial failed;
+- :meth:`Flow.mark_good` / :meth:`Flow.mark_bad`: an operator's verdict on the booted slot.
+
+Every handler is idempotent, because a kill -9 or a power cut may make it run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from updater.bootloader import Bootloader, BootloaderError, make_bootloader
+from updater.config import Config
+from updater.errors import InvalidInput, StateError, UpdaterError
+from updater.health import run_checks
+from updater.install import Installer, commit_file_targets, undo_file_targets
+from updater.journal import Journal
+from updater.machine import RESUME, Event, Record, State, StateStore, next_state
+from updater.plan import InstallPlan, make_plan
+from updater.progress import Progress, ProgressEvent
+from updater.slots import booted_slot
+from updater.task import Task, parse_task, task_to_json
+from updater.versions import check_package_version, combined_version
+
+log = logging.getLogger("updater.flow")
+
+
+class BusyError(InvalidInput):
+    """Another update is under way or waits for its reboot: refused, nothing written."""
+
+
+class Flow:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        bootloader: Bootloader | None = None,
+        progress_sinks: Sequence[Callable[[ProgressEvent], None]] = (),
+    ) -> None:
+        self.config = config
+        self.store = StateStore(Path(config.state_dir))
+        self.record = self.store.load()
+        self.progress_sinks = progress_sinks
+        self._bootloader = bootloader
+        self._plan: InstallPlan | None = None
+        self.rebooted = False
+        self.error: UpdaterError | None = None  # why the last update failed, for the exit code
+        self.handlers: dict[State, Callable[[], Event]] = {
+            State.DOWNLOAD: self._download,
+            State.INSTALL: self._install,
+            State.ARMED: self._armed,
+            State.VERIFY_REBOOT: self._verify_reboot,
+            State.COMMIT: self._commit,
+            State.ROLLBACK: self._rollback,
+            State.REPORT: self._report,
+        }
+
+    # -- the pieces ------------------------------------------------------------------------------
+
+    @property
+    def bootloader(self) -> Bootloader:
+        if self._bootloader is None:
+            self._bootloader = make_bootloader(self.config.bootloader, self.config.system.cmdline)
+        return self._bootloader
+
+    def boot_id(self) -> str:
+        try:
+            return Path(self.config.system.boot_id).read_text().strip()
+        except OSError as err:
+            raise StateError(f"cannot read {self.config.system.boot_id}: {err}") from err
+
+    def booted(self) -> str:
+        """The running slot: the kernel's view, cross-checked with the bootloader's."""
+        kernel = booted_slot(self.config)
+        firmware = self.bootloader.booted_slot()
+        if firmware is not None and firmware != kernel:
+            raise StateError(
+                f"the kernel runs slot {kernel} but the {self.bootloader.name} bootloader says "
+                f"it booted slot {firmware}: refusing to guess which slot is running"
+            )
+        return kernel
+
+    def task(self) -> Task:
+        if self.record.task is None:
+            raise StateError("the state has no task")
+        return parse_task(self.record.task)
+
+    def plan(self) -> InstallPlan:
+        if self._plan is None:
+            self._plan = make_plan(self.task(), self.config)
+        return self._plan
+
+    def installer(self, plan: InstallPlan) -> Installer:
+        progress = Progress(plan.total_bytes, self.progress_sinks)
+        return Installer(plan, self.config, progress)
+
+    def journal(self) -> Journal:
+        return Journal.open(Path(self.config.state_dir))
+
+    def versions(self) -> dict[str, str | None]:
+        installed = dict(self.record.installed)
+        return {
+            "combined": combined_version(self.config, installed)
+            or self.record.last_result.get("package_version"),
+            **installed,
+        }
+
+    # -- entry points ----------------------------------------------------------------------------
+
+    def install(self, task: Task, plan: InstallPlan) -> Record:
+        """Start (or resume) installing ``task``; stops once the slot is armed."""
+        record = self.record
+        waiting = (State.ARMED, State.VERIFY_REBOOT, State.COMMIT)
+        if record.state in waiting and record.task_id == task.task_id:
+            log.info(
+                "task %s is already installed in slot %s; waiting for the reboot",
+                task.task_id,
+                record.slot,
+            )
+            return record
+        if record.state in waiting:
+            raise BusyError(self._busy_text())
+        if record.state != State.IDLE and record.task_id != task.task_id:
+            # Nothing is armed yet: the unfinished task is rolled back and this one replaces it.
+            log.warning("task %s replaces the unfinished task %s", task.task_id, record.task_id)
+            record.reason = f"superseded by task {task.task_id} (version {task.version})"
+            record.step = -1
+            self._plan = None
+            self._enter(State.ROLLBACK)
+            self._run(stop_at={State.IDLE})
+        failed = record.failed_trials.get(task.task_id)
+        if failed and failed == plan.slot:
+            raise BusyError(
+                f"slot {failed} already failed its trial boot for this package "
+                f"(version {task.version}); it is not armed again for it"
+            )
+        if record.state == State.IDLE:
+            versions = check_package_version(self.config, plan, record.installed)
+            record.task_id, record.version = task.task_id, task.version
+            record.task = task_to_json(task)
+            record.slot, record.from_slot = plan.slot, plan.booted
+            record.pending_versions = versions
+            self._plan = plan
+            self._enter(next_state(State.IDLE, Event.TASK))
+        else:
+            self._plan = plan
+        return self._run(stop_at={State.IDLE})
+
+    def resume(self) -> Record:
+        """Continue whatever the persisted state says (the health check at boot)."""
+        state = self.record.state
+        if state == State.IDLE:
+            return self.record
+        if RESUME.get(state) != "resume":
+            self.record.reason = self.record.reason or f"unknown state {state} after a restart"
+            self._enter(State.ROLLBACK)
+        return self._run(stop_at={State.IDLE}, resuming=True)
+
+    def mark_good(self) -> Record:
+        """The operator vouches for the booted slot: commit it as if the health check passed."""
+        if self.record.state not in (State.ARMED, State.VERIFY_REBOOT):
+            booted = self.booted()
+            self.bootloader.commit(booted)
+            log.info("slot %s committed by the operator", booted)
+            return self.record
+        if self.booted() != self.record.slot:
+            raise BusyError(
+                f"slot {self.record.slot} is armed but not booted: reboot into it first"
+            )
+        self._enter(State.COMMIT)
+        return self._run(stop_at={State.IDLE})
+
+    def mark_bad(self) -> Record:
+        """The operator condemns the update (or the booted slot): roll back."""
+        if self.record.state == State.IDLE:
+            booted = self.booted()
+            other = "B" if booted == "A" else "A"
+            self.bootloader.mark_bad(booted)
+            log.info("slot %s marked bad by the operator; slot %s is primary", booted, other)
+            self._reboot(armed=False)
+            return self.record
+        self.record.reason = "marked bad by the operator"
+        self.record.step = -1
+        self._enter(State.ROLLBACK)
+        return self._run(stop_at={State.IDLE})
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _enter(self, state: State) -> None:
+        """Persist the new state before any of its side effects (the boot id says which boot)."""
+        self.record.state = state
+        self.record.resumes = 0
+        self.record.boot_id = self.boot_id()
+        self.store.save(self.record)
+        log.info("state %s", state)
+
+    def _run(self, *, stop_at: set[State], resuming: bool = False) -> Record:
+        while True:
+            state = self.record.state
+            if state == State.IDLE:
+                return self.record
+            if resuming and state not in (State.ARMED,):
+                self.record.resumes += 1
+                self.store.save(self.record)
+            if resuming and self.record.resumes > self.config.health.max_resumes:
+                log.error("state %s resumed %d times: giving up", state, self.record.resumes)
+                self.record.reason = (
+                    self.record.reason or f"state {state} kept failing (boot loop?)"
+                )
+                self.record.step = self.record.step or -1
+                event = Event.TOO_MANY_RESUMES
+            else:
+                event = self.handlers[state]()
+            new = next_state(state, event)
+            resuming = False
+            if new == state:  # waiting (a reboot is pending)
+                return self.record
+            self._enter(new)
+            if new in stop_at:
+                return self.record
+
+    def _fail(self, err: UpdaterError) -> Event:
+        self.error = err
+        self.record.reason = err.desc
+        self.record.step = err.step
+        log.error("%s (step %d)", err.desc, err.step)
+        return Event.FAILED
+
+    def _busy_text(self) -> str:
+        r = self.record
+        if r.state == State.ARMED:
+            return (
+                f"version {r.version} is installed in slot {r.slot} and waits for a reboot; "
+                "reboot first (or run `rpi-updater mark-bad` to drop it)"
+            )
+        return f"an update to version {r.version} is in state {r.state}; finish it first"
+
+    # -- handlers, one per state -----------------------------------------------------------------
+
+    def _download(self) -> Event:
+        try:
+            self.installer(self.plan()).download()
+        except UpdaterError as err:
+            return self._fail(err)
+        return Event.DOWNLOADED
+
+    def _install(self) -> Event:
+        plan = self.plan()
+        try:
+            self.installer(plan).apply()
+        except UpdaterError as err:
+            return self._fail(err)
+        if plan.slot is None:
+            return Event.NOTHING_TO_BOOT
+        try:
+            self.bootloader.check()
+        except UpdaterError as err:
+            return self._fail(err)
+        return Event.INSTALLED
+
+    def _armed(self) -> Event:
+        r = self.record
+        assert r.slot is not None
+        boot = self.boot_id()
+        if r.armed_boot_id is None or r.armed_boot_id == boot:
+            if not r.reboot_required:
+                # Recorded before the side effect: a rollback from here on marks the slot bad.
+                r.reboot_required, r.armed_boot_id = True, boot
+                self.store.save(r)
+                try:
+                    self.bootloader.arm(r.slot)
+                except UpdaterError as err:
+                    return self._fail(err)
+                log.info("slot %s armed for one trial boot", r.slot)
+                self._reboot(armed=True)
+            return Event.REBOOT_PENDING
+        return self._after_reboot()
+
+    def _after_reboot(self) -> Event:
+        r = self.record
+        booted = self.booted()
+        if booted == r.slot and self.bootloader.is_trial():
+            return Event.TRIAL_BOOTED
+        if booted == r.slot:
+            r.reason = f"slot {r.slot} booted, but not as a trial: refusing to commit on that"
+        else:
+            r.reason = (
+                f"the trial boot of slot {r.slot} did not reach the health check: the device "
+                f"came back on slot {booted}"
+            )
+        r.step = -1
+        return Event.OLD_SLOT_BOOTED
+
+    def _verify_reboot(self) -> Event:
+        r = self.record
+        assert r.slot is not None
+        booted = self.booted()
+        if booted != r.slot or not self.bootloader.is_trial():
+            return self._after_reboot()
+        failures = run_checks(self.config.health, slot=r.slot, version=r.version or "")
+        if failures:
+            r.reason = "health check failed: " + "; ".join(failures)
+            r.step = -1
+            return Event.UNHEALTHY
+        return Event.HEALTHY
+
+    def _commit(self) -> Event:
+        r = self.record
+        try:
+            if r.slot is not None:
+                self.bootloader.commit(r.slot)
+            commit_file_targets(self.journal())
+        except UpdaterError as err:
+            return self._fail(err)
+        r.installed.update(r.pending_versions)
+        r.reboot_required = False
+        log.info("version %s committed%s", r.version, f" in slot {r.slot}" if r.slot else "")
+        return Event.COMMITTED
+
+    def _rollback(self) -> Event:
+        r = self.record
+        first: UpdaterError | None = None
+        if r.slot is not None and r.reboot_required:
+            if r.armed_boot_id not in (None, self.boot_id()):  # the trial boot happened
+                r.failed_trials[r.task_id or ""] = r.slot
+            try:
+                self.bootloader.mark_bad(r.slot)
+            except UpdaterError as err:
+                first = err
+        try:
+            undo_file_targets(self.journal())
+        except UpdaterError as err:
+            first = first or err
+        if first is not None:
+            r.reason = f"{r.reason}; rollback incomplete: {first.desc}".lstrip("; ")
+            return Event.FAILED
+        return Event.ROLLED_BACK
+
+    def _report(self) -> Event:
+        r = self.record
+        committed = r.step == 0 and not r.reason
+        in_bad_slot = False
+        if not committed and r.slot is not None and r.reboot_required:
+            try:
+                in_bad_slot = self.booted() == r.slot
+            except UpdaterError:
+                in_bad_slot = False
+        package = r.version if committed else r.last_result.get("package_version")
+        r.finish("committed" if committed else "failed")
+        r.last_result["package_version"] = package
+        log.info("update result: %s", r.last_result)
+        if in_bad_slot:
+            self.store.save(r)
+            self._reboot(armed=False)  # back to the good slot
+        return Event.REPORTED
+
+    # -- reboots ---------------------------------------------------------------------------------
+
+    def _reboot(self, *, armed: bool) -> None:
+        policy = self.config.reboot.policy
+        argument = self.bootloader.reboot_argument(armed)
+        command = [*self.config.reboot.command, *([argument] if argument else [])]
+        if policy == "never" and armed:
+            log.info("reboot required (policy never): %s", shlex.join(command))
+            return
+        if policy == "delay" and armed:
+            delay = self.config.reboot.delay
+            log.info("rebooting in %g s: %s", delay, shlex.join(command))
+            subprocess.Popen(  # detached: the reboot outlives this command
+                ["sh", "-c", f"sleep {delay:g} && exec {shlex.join(command)}"],
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            return
+        log.info("rebooting: %s", shlex.join(command))
+        try:
+            subprocess.run(command, check=True, timeout=60, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise BootloaderError("reboot", f"{shlex.join(command)} failed: {err}") from err
+        self.rebooted = True
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        r = self.record
+        info: dict[str, object] = {"state": str(r.state)}
+        try:
+            info["booted"] = self.booted()
+        except UpdaterError as err:
+            info["booted"] = None
+            info["booted_error"] = err.desc
+        try:
+            info["primary"] = self.bootloader.primary_slot()
+            info["trial"] = self.bootloader.is_trial()
+        except UpdaterError as err:
+            info["primary"] = None
+            info["bootloader_error"] = err.desc
+        info["bootloader"] = self.config.bootloader.type
+        if r.state != State.IDLE:
+            info["update"] = {
+                "task_id": r.task_id,
+                "version": r.version,
+                "slot": r.slot,
+                "from_slot": r.slot and r.from_slot,
+                "reboot_required": r.reboot_required,
+                "reason": r.reason,
+            }
+        info["versions"] = self.versions()
+        info["last_result"] = r.last_result or None
+        info["failed_trials"] = r.failed_trials
+        return info

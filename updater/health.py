@@ -1,0 +1,95 @@
+"""The health check of a trial boot: is the new slot good enough to keep?
+
+Checks, each with a timeout, all run (an operator wants every reason, not the first):
+
+- every configured systemd unit is active (``systemctl is-active``);
+- ``systemctl is-system-running --wait`` does not say "degraded" (configurable);
+- every executable in the health.d directory exits 0. They must be trusted like hooks
+  (root-owned, not group/world-writable, every parent too), and run with a clean environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from updater.config import HealthConfig
+from updater.errors import HookError
+from updater.hooks import check_trusted
+
+log = logging.getLogger("updater.health")
+
+CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+def run_checks(config: HealthConfig, *, slot: str, version: str) -> list[str]:
+    """Every failed check as a sentence; an empty list means healthy."""
+    failures: list[str] = []
+    for unit in config.units:
+        ok, out = _run(["systemctl", "is-active", "--quiet", unit], config.timeout)
+        if not ok:
+            failures.append(f"unit {unit} is not active{_tail(out)}")
+    if config.system_running:
+        ok, out = _run(["systemctl", "is-system-running", "--wait"], config.timeout)
+        state = out.strip().splitlines()[-1] if out.strip() else "unknown"
+        if not ok:
+            failures.append(f"the system is {state}, not running")
+    for program in _health_programs(Path(config.directory), failures):
+        env = {**CLEAN_ENV, "RPI_UPDATER_SLOT": slot, "RPI_UPDATER_VERSION": version}
+        ok, out = _run([str(program)], config.timeout, env=env)
+        if not ok:
+            failures.append(f"{program.name} failed{_tail(out)}")
+    for failure in failures:
+        log.warning("health check: %s", failure)
+    return failures
+
+
+def _health_programs(directory: Path, failures: list[str]) -> list[Path]:
+    """The trusted executables of health.d, in name order (like run-parts)."""
+    if not directory.is_dir():
+        return []
+    programs = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") or path.name.endswith(("~", ".dpkg-old", ".dpkg-dist")):
+            continue
+        try:
+            check_trusted(str(path))
+        except HookError as err:
+            failures.append(f"{path.name} refused: {err.message}")
+            continue
+        programs.append(path)
+    return programs
+
+
+def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[bool, str]:
+    try:
+        proc = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            env=env if env is not None else {**CLEAN_ENV, **_systemd_env()},
+            cwd="/",
+            start_new_session=True,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout:g} s"
+    except OSError as err:
+        return False, f"cannot run {cmd[0]}: {err.strerror or err}"
+    return proc.returncode == 0, (proc.stdout + proc.stderr)
+
+
+def _systemd_env() -> dict[str, str]:
+    """systemctl may need these to reach the manager (a user session in tests, never secrets)."""
+    keys = ("SYSTEMD_BUS_TIMEOUT", "XDG_RUNTIME_DIR", "DBUS_SYSTEM_BUS_ADDRESS")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def _tail(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return f": {lines[-1][:200]}" if lines else ""
