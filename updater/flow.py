@@ -292,6 +292,12 @@ class Flow:
         booted = self.booted()
         if booted == r.slot and self.bootloader.is_trial():
             return Event.TRIAL_BOOTED
+        if r.state == State.ARMED and booted == r.from_slot and not r.reboot_issued:
+            # The power went before the reboot into the trial was even asked for: the trial
+            # never started, so it has not failed. Arm again on this boot.
+            log.warning("the device restarted before the reboot into slot %s; arming again", r.slot)
+            r.reboot_required, r.armed_boot_id = False, None
+            return self._armed()
         if booted == r.slot:
             r.reason = f"slot {r.slot} booted, but not as a trial: refusing to commit on that"
         else:
@@ -317,6 +323,17 @@ class Flow:
 
     def _commit(self) -> Event:
         r = self.record
+        if r.slot is not None and r.boot_id != self.boot_id():
+            # A reset came before the commit completed: go on only if the slot still runs,
+            # as a trial (U-Boot counts another try) or already primary (the bootloader part
+            # was done); tryboot without its commit is back on the old slot.
+            try:
+                bl = self.bootloader
+                keep = self.booted() == r.slot and (bl.is_trial() or bl.primary_slot() == r.slot)
+            except UpdaterError as err:
+                return self._fail(err)
+            if not keep:
+                return self._after_reboot()
         try:
             if r.slot is not None:
                 self.bootloader.commit(r.slot)
@@ -374,6 +391,9 @@ class Flow:
         if policy == "never" and armed:
             log.info("reboot required (policy never): %s", shlex.join(command))
             return
+        if armed:
+            self.record.reboot_issued = True
+            self.store.save(self.record)
         if policy == "delay" and armed:
             delay = self.config.reboot.delay
             log.info("rebooting in %g s: %s", delay, shlex.join(command))

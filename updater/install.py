@@ -357,7 +357,9 @@ class Installer:
                         self._context(item, "post-install"),
                         timeout=self.config.hooks.timeout,
                     )
-        except BaseException:
+        except Exception:
+            # A failure puts the old files back; an interruption (SIGTERM, Ctrl-C) does not:
+            # the next run continues applying where this one stopped.
             names = {item.spec.name for item in self.plan.items if item.dest is not None}
             self._undo_files(lambda record: record.get("name") in names and _was_applied(record))
             raise

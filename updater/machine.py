@@ -79,6 +79,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.VERIFY_REBOOT, E.FAILED): S.ROLLBACK,
     (S.VERIFY_REBOOT, E.TOO_MANY_RESUMES): S.ROLLBACK,
     (S.COMMIT, E.COMMITTED): S.REPORT,
+    (S.COMMIT, E.OLD_SLOT_BOOTED): S.ROLLBACK,  # a reset during the commit, back on the old slot
     (S.COMMIT, E.FAILED): S.ROLLBACK,
     (S.COMMIT, E.TOO_MANY_RESUMES): S.ROLLBACK,
     (S.ROLLBACK, E.ROLLED_BACK): S.REPORT,
@@ -133,6 +134,7 @@ class Record:
     failed_trials: dict[str, str] = field(default_factory=dict)  # task id -> slot that failed
     last_result: dict[str, Any] = field(default_factory=dict)
     reboot_required: bool = False
+    reboot_issued: bool = False  # the reboot into the trial was asked for (not just armed)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -166,7 +168,7 @@ class Record:
         self.pending_versions = {}
         self.reason = ""
         self.step = 0
-        self.reboot_required = False
+        self.reboot_required = self.reboot_issued = False
 
 
 class StateStore:
