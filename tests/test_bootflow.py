@@ -238,3 +238,108 @@ def test_an_update_while_a_reboot_is_pending_is_refused(
 
     assert result.returncode == 2
     assert "is installed in slot B and waits for a reboot" in result.stderr
+
+
+# -- refusals before anything is written ---------------------------------------------------------
+
+
+def test_install_is_refused_when_the_firmware_and_the_kernel_disagree(
+    device: Device, docroot: Docroot, nginx: Nginx
+) -> None:
+    """root= says slot A, but the firmware says it booted partition 3 (slot B)."""
+    (device.root / "device-tree" / "partition").write_bytes((3).to_bytes(4, "big"))
+    before = device.snapshot()
+    task, _ = package(docroot, nginx, "a1")
+
+    result = device.run("install", str(device.task_file(task)))
+
+    assert result.returncode == 2, result.stderr
+    assert (
+        "the kernel runs slot A but the tryboot bootloader says it booted slot B" in result.stderr
+    )
+    assert device.snapshot() == before
+
+
+def test_install_is_refused_on_an_eeprom_too_old_for_tryboot(
+    device: Device, docroot: Docroot, nginx: Nginx
+) -> None:
+    (device.root / "device-tree" / "capabilities").write_bytes((0x4).to_bytes(4, "big"))
+    before = device.snapshot()
+    task, _ = package(docroot, nginx, "a1")
+
+    result = device.run("install", str(device.task_file(task)))
+
+    assert result.returncode == 2, result.stderr
+    assert "the bootloader EEPROM is too old for tryboot A/B" in result.stderr
+    assert device.snapshot() == before
+    assert not (device.state_dir / "state.json").exists()
+
+
+# -- the operator's verdicts ---------------------------------------------------------------------
+
+
+def test_mark_good_commits_a_trial_without_the_health_check(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
+) -> None:
+    health_check(trusted_dir, ok=False)  # would fail: the operator overrides it
+    task, _ = package(docroot, nginx, "a1")
+    assert device.run("install", str(device.task_file(task))).returncode == 0
+    assert harness.boot() == "B"
+
+    result = device.run("mark-good")
+
+    assert result.returncode == 0, result.stderr
+    info = status(device)
+    assert info["state"] == "idle" and info["primary"] == "B"
+    assert harness.boot() == "B"
+
+
+def test_mark_bad_drops_a_pending_update(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx
+) -> None:
+    harness.configure("never")
+    task, _ = package(docroot, nginx, "a1")
+    (device.etc / "app.conf").write_bytes(b"version = a0\n")
+    assert device.run("install", str(device.task_file(task))).returncode == 0
+    assert (device.etc / "app.conf").read_bytes() == b"version = a1\n"
+
+    result = device.run("mark-bad")
+
+    assert result.returncode == 0, result.stderr
+    info = status(device)
+    assert info["state"] == "idle" and info["primary"] == "A"
+    assert (device.etc / "app.conf").read_bytes() == b"version = a0\n"
+    last = info["last_result"]
+    assert isinstance(last, dict) and last["reason"] == "marked bad by the operator"
+    assert harness.boot() == "A"
+
+
+def test_a_health_check_that_keeps_crashing_is_a_boot_loop_and_rolls_back(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
+) -> None:
+    """The check kills the updater every time (as a hang + restart would): after
+    health.max_resumes resumes of the same state the update is given up."""
+    killer = trusted_dir / "10-crash"
+    killer.write_text("#!/bin/sh\nkill -9 $PPID\nsleep 5\n")
+    killer.chmod(0o755)
+    task, _ = package(docroot, nginx, "a1")
+    assert device.run("install", str(device.task_file(task))).returncode == 0
+    assert harness.boot() == "B"
+
+    codes = [device.run("health-check").returncode for _ in range(5)]
+
+    # The first run and 3 resumes (max_resumes) crash; the 4th resume gives up.
+    assert codes == [-9, -9, -9, -9, 1]
+    info = status(device)
+    assert info["state"] == "idle" and info["primary"] == "A"
+    last = info["last_result"]
+    assert isinstance(last, dict) and "kept failing" in str(last["reason"])
+
+
+def test_status_for_operators(device: Device, harness: RebootHarness) -> None:
+    result = device.run("status")
+
+    assert result.returncode == 0, result.stderr
+    assert "booted slot:   A" in result.stdout
+    assert "primary slot:  A" in result.stdout
+    assert "state:         idle" in result.stdout

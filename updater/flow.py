@@ -22,7 +22,7 @@ from pathlib import Path
 
 from updater.bootloader import Bootloader, BootloaderError, make_bootloader
 from updater.config import Config
-from updater.errors import InvalidInput, StateError, UpdaterError
+from updater.errors import InvalidInput, PlanError, StateError, UpdaterError
 from updater.health import run_checks
 from updater.install import Installer, commit_file_targets, undo_file_targets
 from updater.journal import Journal
@@ -146,6 +146,8 @@ class Flow:
                 f"(version {task.version}); it is not armed again for it"
             )
         if record.state == State.IDLE:
+            if plan.slot is not None:
+                self._check_device()
             versions = check_package_version(self.config, plan, record.installed)
             record.task_id, record.version = task.task_id, task.version
             record.task = task_to_json(task)
@@ -194,6 +196,14 @@ class Flow:
         self.record.step = -1
         self._enter(State.ROLLBACK)
         return self._run(stop_at={State.IDLE})
+
+    def _check_device(self) -> None:
+        """Before the first byte: the bootloader can do A/B, and agrees on the running slot."""
+        try:
+            self.bootloader.check()
+            self.booted()
+        except UpdaterError as err:
+            raise PlanError(f"refusing to install: {err.desc}") from err
 
     # -- the loop --------------------------------------------------------------------------------
 
