@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tests.harness import Fault, FaultProxy, LoopDevices, Nginx, make_tls_files
 from tests.harness.device import Device, MiB, build_device, task_for
+from tests.harness.reboot import RebootHarness
 
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
@@ -100,6 +101,7 @@ def main() -> int:
 
 
 def run_demo(work: Path, nginx: Nginx, proxy: FaultProxy, loops: LoopDevices | None) -> int:
+    root = loops is not None
     step("a stand-in Raspberry Pi: slot A boots, slot B is free")
     device = build_device(
         work / "device", loops=loops, ca_file=nginx.ca_file, boot_size=8 * MiB, root_size=32 * MiB
@@ -108,8 +110,6 @@ def run_demo(work: Path, nginx: Nginx, proxy: FaultProxy, loops: LoopDevices | N
         where = region.path if region.offset == 0 else f"{region.path}@{region.offset}"
         print(f"  {name:7} {region.size // MiB:3} MiB  {where}")
     print(f"  kernel command line: {(device.root / 'cmdline').read_text().strip()}")
-    booted_before = {k: v for k, v in device.snapshot().items() if k.startswith("A.")}
-
     build = work / "build"
     build.mkdir()
     files = {
@@ -127,15 +127,26 @@ def run_demo(work: Path, nginx: Nginx, proxy: FaultProxy, loops: LoopDevices | N
         (name, proxy.url(name), path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
         for name, path in files.items()
     ]
-    task = device.task_file(task_for(entries, version="a1b1c1"))
+    pushed = task_for(entries, version="a1b1c1")
+    data = pushed["data"]
+    assert isinstance(data, dict)
+    data["extData"] = {"versions": {"boot.img": "a1", "rootfs.img": "b1", "app.conf": "c1"}}
+    task = device.task_file(pushed)
     print(f"\n  the task ({task.name}), as the IoT Platform would push it:")
-    for line in json.dumps(json.loads(task.read_text())["data"], indent=1).splitlines()[:12]:
+    for line in json.dumps(data, indent=1).splitlines()[:12]:
         print(f"  {DIM}{line}{RESET}")
+    harness = RebootHarness(device, "tryboot")
+    harness.configure("now")
+    health = Path(tempfile.mkdtemp(prefix="rpi-demo-health-", dir="/run" if root else None))
+    health.chmod(0o755)
+    (health / "10-app").write_text("#!/bin/sh\necho checking the app; exit 0\n")
+    (health / "10-app").chmod(0o755)
+    device.write_config(health={"system_running": False, "directory": str(health)})
 
     step("1. the plan: every check before the first byte is written")
     show(device.command("install", "--dry-run", str(task)))
 
-    step("2. install through a link that drops three times")
+    step("2. install through a link that drops three times; arm slot B; reboot")
     size = files["rootfs.img"].stat().st_size
     proxy.script(
         Fault(),
@@ -155,10 +166,6 @@ def run_demo(work: Path, nginx: Nginx, proxy: FaultProxy, loops: LoopDevices | N
         f"  {proxy.body_bytes_total} bytes sent by the server for "
         f"{sum(e[2] for e in entries)} bytes of files"
     )
-    print(
-        f"  /etc/app.conf now: {(device.etc / 'app.conf').read_text().strip()!r} "
-        f"(old content kept for a rollback)"
-    )
     fsck = subprocess.run(
         ["e2fsck", "-f", "-n", str(_region_file(device, "B.root", work))],
         capture_output=True,
@@ -166,18 +173,31 @@ def run_demo(work: Path, nginx: Nginx, proxy: FaultProxy, loops: LoopDevices | N
         check=False,
     )
     print(f"  e2fsck of slot B's root: {'clean' if fsck.returncode == 0 else fsck.stdout}")
+    print(f"  reboot requested: systemctl reboot {harness.reboot_requests()[-1]!r}")
 
-    step("3. the same task again: already installed, nothing fetched")
+    step("3. the same task again (a duplicate push): nothing fetched, nothing done")
     before = proxy.body_bytes_total
     show(device.command("install", str(task)))
     print(f"  bytes fetched: {proxy.body_bytes_total - before}")
 
-    step("4. a task whose rootfs digest is wrong: refused, step -3")
+    step("4. the reboot: the firmware tries slot B once; the health check commits it")
+    print(f"  the firmware booted slot {harness.boot()} (tryboot)")
+    show(device.command("health-check"))
+    show(device.command("status"))
+    print(f"  after a plain reset the device runs slot {harness.boot()}")
+    booted_before = {k: v for k, v in device.snapshot().items() if k.startswith("B.")}
+
+    step("5. a task whose rootfs digest is wrong: refused, step -3")
     bad = [(n, u, s, ("0" * 64 if n == "rootfs.img" else d)) for n, u, s, d in entries]
-    bad_task = device.task_file(task_for(bad, version="a2b2c2"), "bad-task.json")
+    bad_push = task_for(bad, version="a2b2c2")
+    bad_data = bad_push["data"]
+    assert isinstance(bad_data, dict)
+    bad_data["extData"] = {"versions": {"boot.img": "a2", "rootfs.img": "b2", "app.conf": "c2"}}
+    bad_task = device.task_file(bad_push, "bad-task.json")
     show(device.command("install", "--progress", "json", str(bad_task)))
-    untouched = {k: v for k, v in device.snapshot().items() if k.startswith("A.")} == booted_before
-    print(f"\n  the booted slot A was never written: {untouched}")
+    untouched = {k: v for k, v in device.snapshot().items() if k.startswith("B.")} == booted_before
+    print(f"\n  the running slot B was never written: {untouched}")
+    shutil.rmtree(health, ignore_errors=True)
     return 0 if ok and untouched else 1
 
 

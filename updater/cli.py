@@ -105,8 +105,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     with StateLock(Path(config.state_dir)):
         flow = _flow(config, sinks)
         record = flow.install(task, plan)
-    if flow.error is not None:
-        raise flow.error
+    if flow.error is not None:  # logged by the flow; the exit code says which kind
+        return flow.error.exit_code
     if record.state == State.ARMED:
         what = "rebooting into it" if flow.rebooted else "reboot required"
         log.info("version %s installed in slot %s; %s", task.version, record.slot, what)

@@ -109,11 +109,12 @@ class Flow:
         return Journal.open(Path(self.config.state_dir))
 
     def versions(self) -> dict[str, str | None]:
-        installed = dict(self.record.installed)
+        """The combined version and each target's, in configuration order."""
+        installed = self.record.installed
         return {
             "combined": combined_version(self.config, installed)
             or self.record.last_result.get("package_version"),
-            **installed,
+            **{t.name: installed.get(t.name) for t in self.config.targets},
         }
 
     # -- entry points ----------------------------------------------------------------------------
@@ -350,7 +351,11 @@ class Flow:
             commit_file_targets(self.journal())
         except UpdaterError as err:
             return self._fail(err)
-        r.installed.update(r.pending_versions)
+        for target, version in r.pending_versions.items():
+            if version:
+                r.installed[target] = version
+            else:  # the package did not say: the old version is not true any more
+                r.installed.pop(target, None)
         r.reboot_required = False
         log.info("version %s committed%s", r.version, f" in slot {r.slot}" if r.slot else "")
         return Event.COMMITTED

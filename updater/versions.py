@@ -66,9 +66,12 @@ def combined_version(config: Config, versions: dict[str, str]) -> str | None:
 def check_package_version(
     config: Config, plan: InstallPlan, installed: dict[str, str]
 ) -> dict[str, str]:
-    """The per-target versions after this task; refuse a package whose declared version is not
-    their concatenation (when every target's version is known)."""
+    """The version each target of the task will hold ("" when the task does not tell); refuse a
+    package whose declared version is not the concatenation (when every version is known)."""
     new = file_versions(plan)
+    pending = {item.target.name: new.get(item.target.name, "") for item in plan.items}
+    if "" in pending.values():
+        return pending  # some file's version is unknown: nothing to check it against
     after = {**installed, **new}
     combined = combined_version(config, after)
     if combined is not None and combined != plan.task.version:
@@ -76,4 +79,4 @@ def check_package_version(
             f"the package says version {plan.task.version!r}, but its files make "
             f"{combined!r} ({' + '.join(after[t.name] for t in config.targets)})"
         )
-    return new
+    return pending
