@@ -343,3 +343,22 @@ def test_status_for_operators(device: Device, harness: RebootHarness) -> None:
     assert "booted slot:   A" in result.stdout
     assert "primary slot:  A" in result.stdout
     assert "state:         idle" in result.stdout
+
+
+def test_reboot_policy_delay_reboots_later_in_the_background(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx
+) -> None:
+    import time
+
+    device.write_config(reboot={"policy": "delay", "delay": 1, "command": [str(harness.recorder)]})
+    task, _ = package(docroot, nginx, "a1")
+
+    result = device.run("install", str(device.task_file(task)))
+
+    assert result.returncode == 0, result.stderr
+    assert harness.reboot_requests() == [], "not at once"
+    deadline = time.monotonic() + 10
+    while not harness.reboot_requests():
+        assert time.monotonic() < deadline, "the delayed reboot never came"
+        time.sleep(0.1)
+    assert harness.reboot_requests() == trial_request(harness)

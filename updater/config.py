@@ -18,8 +18,8 @@ import difflib
 import math
 import posixpath
 import re
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, fields, replace
 from datetime import date
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -362,6 +362,18 @@ def _mapping(value: object, key: str, allowed: Collection[str]) -> dict[str, obj
             raise _Invalid(_sub(key, name), _unknown(name, allowed))
         checked[name] = item
     return checked
+
+
+_S = TypeVar("_S")
+
+
+def _parse_section(
+    value: object, key: str, defaults: _S, parsers: Mapping[str, Callable[[object, str], object]]
+) -> _S:
+    """An optional section of simple keys: each given key parsed by its parser, the rest default."""
+    given = _section(value, key, tuple(parsers))
+    changes = {name: parsers[name](item, _sub(key, name)) for name, item in given.items()}
+    return replace(defaults, **changes)  # type: ignore[type-var]
 
 
 def _section(value: object, key: str, allowed: Collection[str]) -> dict[str, object]:
@@ -849,49 +861,29 @@ def _check_download(download: DownloadConfig, given: dict[str, object]) -> None:
 
 
 def _parse_hooks(value: object) -> HooksConfig:
-    given = _section(value, "hooks", ("timeout",))
-    return HooksConfig(
-        timeout=_optional(given, "hooks", "timeout", _duration, HooksConfig().timeout)
-    )
+    return _parse_section(value, "hooks", HooksConfig(), {"timeout": _duration})
 
 
 def _parse_system(value: object) -> SystemConfig:
     """Where the booted slot is read from; tests and the reboot harness point these at files."""
-    given = _section(value, "system", ("cmdline", "mountinfo", "boot_id"))
-    base = SystemConfig()
-    return SystemConfig(
-        cmdline=_optional(given, "system", "cmdline", _abs_path, base.cmdline),
-        mountinfo=_optional(given, "system", "mountinfo", _abs_path, base.mountinfo),
-        boot_id=_optional(given, "system", "boot_id", _abs_path, base.boot_id),
-    )
+    parsers = {"cmdline": _abs_path, "mountinfo": _abs_path, "boot_id": _abs_path}
+    return _parse_section(value, "system", SystemConfig(), parsers)
 
 
 # --------------------------------------------------------------------------- boot flow
 
-_BOOTLOADER_KEYS = (
-    "type",
-    "autoboot",
-    "partitions",
-    "device_tree",
-    "vcio",
-    "fw_env_config",
-    "bootlimit",
-)
-
 
 def _parse_bootloader(value: object) -> BootloaderConfig:
-    given = _section(value, "bootloader", _BOOTLOADER_KEYS)
-    base = BootloaderConfig()
-    key = "bootloader"
-    return BootloaderConfig(
-        type=_optional(given, key, "type", _bootloader_type, base.type),
-        autoboot=_optional(given, key, "autoboot", _abs_path, base.autoboot),
-        partitions=_optional(given, key, "partitions", _partitions, base.partitions),
-        device_tree=_optional(given, key, "device_tree", _abs_path, base.device_tree),
-        vcio=_optional(given, key, "vcio", _abs_path, base.vcio),
-        fw_env_config=_optional(given, key, "fw_env_config", _abs_path, base.fw_env_config),
-        bootlimit=_optional(given, key, "bootlimit", _bootlimit, base.bootlimit),
-    )
+    parsers: dict[str, Callable[[object, str], object]] = {
+        "type": _bootloader_type,
+        "autoboot": _abs_path,
+        "partitions": _partitions,
+        "device_tree": _abs_path,
+        "vcio": _abs_path,
+        "fw_env_config": _abs_path,
+        "bootlimit": _bootlimit,
+    }
+    return _parse_section(value, "bootloader", BootloaderConfig(), parsers)
 
 
 def _bootlimit(value: object, key: str) -> int:
@@ -923,13 +915,8 @@ def _partitions(value: object, key: str) -> dict[str, int]:
 
 
 def _parse_reboot(value: object) -> RebootConfig:
-    given = _section(value, "reboot", ("policy", "delay", "command"))
-    base = RebootConfig()
-    return RebootConfig(
-        policy=_optional(given, "reboot", "policy", _reboot_policy, base.policy),
-        delay=_optional(given, "reboot", "delay", _duration, base.delay),
-        command=_optional(given, "reboot", "command", _command, base.command),
-    )
+    parsers = {"policy": _reboot_policy, "delay": _duration, "command": _command}
+    return _parse_section(value, "reboot", RebootConfig(), parsers)
 
 
 def _reboot_policy(value: object, key: str) -> RebootPolicy:
@@ -957,16 +944,14 @@ def _command(value: object, key: str) -> tuple[str, ...]:
 
 
 def _parse_health(value: object) -> HealthConfig:
-    keys = ("units", "system_running", "directory", "timeout", "max_resumes")
-    given = _section(value, "health", keys)
-    base = HealthConfig()
-    return HealthConfig(
-        units=_optional(given, "health", "units", _units, base.units),
-        system_running=_optional(given, "health", "system_running", _bool, base.system_running),
-        directory=_optional(given, "health", "directory", _abs_path, base.directory),
-        timeout=_optional(given, "health", "timeout", _duration, base.timeout),
-        max_resumes=_optional(given, "health", "max_resumes", _positive_int, base.max_resumes),
-    )
+    parsers: dict[str, Callable[[object, str], object]] = {
+        "units": _units,
+        "system_running": _bool,
+        "directory": _abs_path,
+        "timeout": _duration,
+        "max_resumes": _positive_int,
+    }
+    return _parse_section(value, "health", HealthConfig(), parsers)
 
 
 def _units(value: object, key: str) -> tuple[str, ...]:
