@@ -120,3 +120,32 @@ def loop_devices() -> Iterator[LoopDevices]:
     require(available, why)
     with LoopDevices() as devices:
         yield devices
+
+
+# --- MQTT: a private mosquitto broker and a recorder of what it carries -------------------------
+
+from tests.harness import Mosquitto, Recorder, mosquitto_available  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One broker for the session (TLS, passwords, the device ACL); see harness/mosquitto.py.
+
+    A test that stops or kills it must ``start()`` it again (in a ``finally``); ``broker_log``
+    starts it again too.
+    """
+    available, why = mosquitto_available()
+    require(available, why)
+    server = Mosquitto(tls_files, tmp_path_factory.mktemp("mosquitto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def broker_log(mosquitto: Mosquitto) -> Iterator[Recorder]:
+    """A started Recorder: every message through the session broker, in order; stopped after."""
+    mosquitto.start()
+    recorder = Recorder(mosquitto).start()
+    yield recorder
+    recorder.stop()

@@ -350,7 +350,8 @@ def test_reboot_policy_delay_reboots_later_in_the_background(
 ) -> None:
     import time
 
-    device.write_config(reboot={"policy": "delay", "delay": 1, "command": [str(harness.recorder)]})
+    command = [str(harness.recorder), "{reboot_arg}"]
+    device.write_config(reboot={"policy": "delay", "delay": 1, "command": command})
     task, _ = package(docroot, nginx, "a1")
 
     result = device.run("install", str(device.task_file(task)))
@@ -362,3 +363,27 @@ def test_reboot_policy_delay_reboots_later_in_the_background(
         assert time.monotonic() < deadline, "the delayed reboot never came"
         time.sleep(0.1)
     assert harness.reboot_requests() == trial_request(harness)
+
+
+def test_mark_bad_when_idle_goes_back_to_the_previous_committed_slot(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
+) -> None:
+    health_check(trusted_dir, ok=True)
+    device.write_config(factory_versions={"boot": "a0", "rootfs": "b0", "config": "c0"})
+
+    refused = device.run("mark-bad")  # slot B has never held a committed image
+
+    assert refused.returncode == 2
+    assert "slot B holds no committed image" in refused.stderr
+    task, _ = package(docroot, nginx, "a1")
+    assert device.run("install", str(device.task_file(task))).returncode == 0
+    assert harness.boot() == "B"
+    assert device.run("health-check").returncode == 0
+
+    result = device.run("mark-bad")
+
+    assert result.returncode == 0, result.stderr
+    assert harness.boot() == "A"
+    info = status(device)
+    assert info["booted"] == "A" and info["primary"] == "A"
+    assert info["versions"] == {"combined": "a0b0c0", "boot": "a0", "rootfs": "b0", "config": "c0"}

@@ -19,6 +19,7 @@ from updater import __version__
 from updater.config import DEFAULT_CONFIG_PATH, Config, load_config
 from updater.errors import TaskError, UpdaterError
 from updater.journal import StateLock
+from updater.logctx import ContextFilter, set_context
 from updater.machine import State
 from updater.progress import JsonLines, Progress, ProgressEvent, TerminalBar
 
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="progress display: a bar on a terminal, JSON lines on stdout, or none",
     )
+    sub.add_parser("daemon", help="the MQTT agent: hear tasks, install them, report")
     sub.add_parser("health-check", help="at boot: commit a healthy trial boot or roll back")
     status = sub.add_parser("status", help="slots, state, versions, last result")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -102,6 +104,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.describe())
         return 0
+    set_context(task=task.task_id, version=task.version, slot=plan.slot)
     with StateLock(Path(config.state_dir)):
         flow = _flow(config, sinks)
         record = flow.install(task, plan)
@@ -169,19 +172,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_mark_good(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     with StateLock(Path(config.state_dir)):
-        _flow(config).mark_good()
-    return 0
+        flow = _flow(config)
+        flow.mark_good()
+    return flow.error.exit_code if flow.error else 0
 
 
 def cmd_mark_bad(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     with StateLock(Path(config.state_dir)):
-        _flow(config).mark_bad()
-    return 0
+        flow = _flow(config)
+        flow.mark_bad()
+    return flow.error.exit_code if flow.error else 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    """The MQTT agent (a systemd Type=notify service)."""
+    from updater.agent import run_daemon
+
+    return run_daemon(load_config(args.config), args.config)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "install": cmd_install,
+    "daemon": cmd_daemon,
     "health-check": cmd_health_check,
     "status": cmd_status,
     "mark-good": cmd_mark_good,
@@ -202,9 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     clear = "\r\x1b[K" if sys.stderr.isatty() else ""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format=f"{clear}rpi-updater: %(levelname)s: %(message)s",
+        format=f"{clear}rpi-updater: %(levelname)s: %(ctx)s%(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ContextFilter())
     try:
         return COMMANDS[args.command](args)
     except UpdaterError as err:

@@ -172,6 +172,25 @@ class HealthConfig:
     max_resumes: int = 3  # a state resumed more often than this rolls back (boot loops)
 
 
+MqttLogin = Literal["iot-platform", "plain"]
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """The IoT Platform (or any MQTT broker) the daemon listens to. Secrets live elsewhere: in
+    ``identity_file``, readable by root only."""
+
+    host: str | None = None  # None: no broker configured (the daemon refuses to start)
+    port: int = 8883
+    ca_file: str | None = None  # None: the system trust store (still verified)
+    login: MqttLogin = "iot-platform"
+    identity_file: str = "/etc/rpi-updater/identity.yaml"
+    keepalive: int = 300
+    module: str | None = None  # the OTA module this device reports (None: "default")
+    progress_step: int = 5  # percent between progress reports
+    reconnect_max: float = 60.0  # seconds, the cap of the reconnect back-off
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: str
@@ -184,6 +203,9 @@ class Config:
     bootloader: BootloaderConfig = field(default_factory=BootloaderConfig)
     reboot: RebootConfig = field(default_factory=RebootConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    #: Each target's version as the image was built, until an update records another.
+    factory_versions: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -476,6 +498,8 @@ _TOP_KEYS = (
     "bootloader",
     "reboot",
     "health",
+    "mqtt",
+    "factory_versions",
 )
 
 
@@ -495,6 +519,8 @@ def _parse_top(data: object, path: str) -> Config:
         bootloader=_parse_bootloader(top.get("bootloader")),
         reboot=_parse_reboot(top.get("reboot")),
         health=_parse_health(top.get("health")),
+        mqtt=_parse_mqtt(top.get("mqtt")),
+        factory_versions=_optional(top, "", "factory_versions", _factory_versions(targets), {}),
     )
 
 
@@ -968,3 +994,77 @@ def _bool(value: object, key: str) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(key, f"must be true or false, not {_describe(value)}")
     return value
+
+
+# --------------------------------------------------------------------------- mqtt
+
+
+def _parse_mqtt(value: object) -> MqttConfig:
+    parsers: dict[str, Callable[[object, str], object]] = {
+        "host": _host,
+        "port": _port,
+        "ca_file": _optional_abs_path,
+        "login": _mqtt_login,
+        "identity_file": _abs_path,
+        "keepalive": _keepalive,
+        "module": _module,
+        "progress_step": _progress_step,
+        "reconnect_max": _duration,
+    }
+    return _parse_section(value, "mqtt", MqttConfig(), parsers)
+
+
+def _host(value: object, key: str) -> str:
+    host = _string(value, key)
+    if any(c.isspace() or c in "/@" for c in host):
+        raise _Invalid(key, f"{host!r} is not a host name or address")
+    return host
+
+
+def _port(value: object, key: str) -> int:
+    port = _positive_int(value, key)
+    if port > 65535:
+        raise _Invalid(key, f"must be at most 65535, not {port}")
+    return port
+
+
+def _mqtt_login(value: object, key: str) -> MqttLogin:
+    text = _string(value, key)
+    if text == "iot-platform":
+        return "iot-platform"
+    if text == "plain":
+        return "plain"
+    raise _Invalid(key, f"{text!r}: expected iot-platform or plain")
+
+
+def _keepalive(value: object, key: str) -> int:
+    seconds = _int(value, key, 30)
+    if seconds > 1200:
+        raise _Invalid(key, f"must be at most 1200 (the platform's limit), not {seconds}")
+    return seconds
+
+
+def _module(value: object, key: str) -> str:
+    text = _string(value, key)
+    if len(text) > 64 or not text.isprintable():
+        raise _Invalid(key, "must be 1..64 printable characters")
+    return text
+
+
+def _progress_step(value: object, key: str) -> int:
+    step = _positive_int(value, key)
+    if step > 100:
+        raise _Invalid(key, f"must be at most 100, not {step}")
+    return step
+
+
+def _factory_versions(
+    targets: tuple[TargetConfig, ...],
+) -> Callable[[object, str], dict[str, str]]:
+    names = [t.name for t in targets]
+
+    def parse(value: object, key: str) -> dict[str, str]:
+        given = _mapping(value, key, names)
+        return {name: _string(item, _sub(key, name)) for name, item in given.items()}
+
+    return parse

@@ -20,6 +20,9 @@ Context is added by chaining (``raise ... from err``), never by parsing messages
     ├── WriteError                step -4, exit 5   .file_name, .target (I/O on the target)
     │   └── HookError             .hook             a hook refused, failed or timed out
     └── StateError                step -1, exit 1   the state directory or journal is unusable
+
+    Cancelled (a BaseException, like KeyboardInterrupt): the install was stopped on purpose (a
+    newer task replaces it); the journal stays resumable and nothing is reported as failed.
 """
 
 from __future__ import annotations
@@ -144,3 +147,7 @@ class HookError(WriteError):
 
 class StateError(UpdaterError):
     """The state directory or the journal cannot be used."""
+
+
+class Cancelled(BaseException):
+    """The running install was stopped on purpose (a newer task replaces it)."""

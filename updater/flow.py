@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from updater.bootloader import Bootloader, BootloaderError, make_bootloader
+from updater.bootloader import Bootloader, make_bootloader
 from updater.config import Config
 from updater.errors import InvalidInput, PlanError, StateError, UpdaterError
 from updater.health import run_checks
@@ -47,8 +48,10 @@ class Flow:
         *,
         bootloader: Bootloader | None = None,
         progress_sinks: Sequence[Callable[[ProgressEvent], None]] = (),
+        cancel: threading.Event | None = None,
     ) -> None:
         self.config = config
+        self.cancel = cancel
         self.store = StateStore(Path(config.state_dir))
         self.record = self.store.load()
         self.progress_sinks = progress_sinks
@@ -103,14 +106,14 @@ class Flow:
 
     def installer(self, plan: InstallPlan) -> Installer:
         progress = Progress(plan.total_bytes, self.progress_sinks)
-        return Installer(plan, self.config, progress)
+        return Installer(plan, self.config, progress, cancel=self.cancel)
 
     def journal(self) -> Journal:
         return Journal.open(Path(self.config.state_dir))
 
     def versions(self) -> dict[str, str | None]:
         """The combined version and each target's, in configuration order."""
-        installed = self.record.installed
+        installed = {**self.config.factory_versions, **self.record.installed}
         return {
             "combined": combined_version(self.config, installed)
             or self.record.last_result.get("package_version"),
@@ -122,6 +125,11 @@ class Flow:
     def install(self, task: Task, plan: InstallPlan) -> Record:
         """Start (or resume) installing ``task``; stops once the slot is armed."""
         record = self.record
+        last = record.last_result
+        done = last.get("task_id") == task.task_id and last.get("result") == "committed"
+        if record.state == State.IDLE and done:
+            log.info("task %s is already installed (version %s)", task.task_id, task.version)
+            return record
         waiting = (State.ARMED, State.VERIFY_REBOOT, State.COMMIT)
         if record.state in waiting and record.task_id == task.task_id:
             log.info(
@@ -132,6 +140,8 @@ class Flow:
             return record
         if record.state in waiting:
             raise BusyError(self._busy_text())
+        if record.state in (State.ROLLBACK, State.REPORT):
+            self._run(stop_at={State.IDLE})  # finish the older update's ending first
         if record.state != State.IDLE and record.task_id != task.task_id:
             # Nothing is armed yet: the unfinished task is rolled back and this one replaces it.
             log.warning("task %s replaces the unfinished task %s", task.task_id, record.task_id)
@@ -149,11 +159,18 @@ class Flow:
         if record.state == State.IDLE:
             if plan.slot is not None:
                 self._check_device()
-            versions = check_package_version(self.config, plan, record.installed)
+            versions = check_package_version(
+                self.config, plan, {**self.config.factory_versions, **record.installed}
+            )
             record.task_id, record.version = task.task_id, task.version
             record.task = task_to_json(task)
             record.slot, record.from_slot = plan.slot, plan.booted
             record.pending_versions = versions
+            if plan.slot is not None:
+                # What the running slot holds is known good; the slot about to be written is not.
+                running = {**self.config.factory_versions, **record.installed}
+                record.slot_versions.setdefault(plan.booted or "", running)
+                record.slot_versions.pop(plan.slot, None)
             self._plan = plan
             self._enter(next_state(State.IDLE, Event.TASK))
         else:
@@ -163,7 +180,9 @@ class Flow:
     def resume(self) -> Record:
         """Continue whatever the persisted state says (the health check at boot)."""
         state = self.record.state
-        if state == State.IDLE:
+        if state in (State.IDLE, State.DOWNLOAD, State.INSTALL):
+            # A download is continued by `install` or the daemon, never from the boot-time check
+            # (it would hold up the boot, and a shutdown would count as a failed resume).
             return self.record
         if RESUME.get(state) != "resume":
             self.record.reason = self.record.reason or f"unknown state {state} after a restart"
@@ -186,13 +205,22 @@ class Flow:
 
     def mark_bad(self) -> Record:
         """The operator condemns the update (or the booted slot): roll back."""
-        if self.record.state == State.IDLE:
+        r = self.record
+        if r.state == State.IDLE:
             booted = self.booted()
             other = "B" if booted == "A" else "A"
+            if other not in r.slot_versions:
+                raise BusyError(
+                    f"slot {other} holds no committed image (never updated, or written since): "
+                    "going back to it could leave the device unbootable"
+                )
             self.bootloader.mark_bad(booted)
+            r.installed = dict(r.slot_versions[other])
+            r.slot_versions.pop(booted, None)
+            self.store.save(r)
             log.info("slot %s marked bad by the operator; slot %s is primary", booted, other)
             self._reboot(armed=False)
-            return self.record
+            return r
         self.record.reason = "marked bad by the operator"
         self.record.step = -1
         self._enter(State.ROLLBACK)
@@ -201,8 +229,22 @@ class Flow:
     def _check_device(self) -> None:
         """Before the first byte: the bootloader can do A/B, and agrees on the running slot."""
         try:
-            self.bootloader.check()
-            self.booted()
+            bl = self.bootloader
+            bl.check()
+            booted = self.booted()
+            if bl.is_trial():
+                raise StateError(f"this boot is a trial of slot {booted}: commit or drop it first")
+            if bl.primary_slot() != booted:
+                raise StateError(
+                    f"slot {booted} runs but slot {bl.primary_slot()} boots next: the inactive "
+                    "slot would be the one the next reset boots"
+                )
+            if bl.reboot_argument(True) and not can_pass_reboot_argument(self.config):
+                raise StateError(
+                    f"reboot.command {list(self.config.reboot.command)} cannot pass the reboot "
+                    f"argument {bl.reboot_argument(True)!r} that arms the trial: use systemctl "
+                    "reboot, or put {reboot_arg} where the argument goes"
+                )
         except UpdaterError as err:
             raise PlanError(f"refusing to install: {err.desc}") from err
 
@@ -231,6 +273,8 @@ class Flow:
                 )
                 self.record.step = self.record.step or -1
                 event = Event.TOO_MANY_RESUMES
+                if state == State.REPORT:
+                    self.record.finish("failed")
             else:
                 event = self.handlers[state]()
             new = next_state(state, event)
@@ -285,8 +329,9 @@ class Flow:
         assert r.slot is not None
         boot = self.boot_id()
         if r.armed_boot_id is None or r.armed_boot_id == boot:
-            if not r.reboot_required:
+            if not r.reboot_issued:
                 # Recorded before the side effect: a rollback from here on marks the slot bad.
+                # Arming is idempotent, so a crash before the reboot arms again on the next run.
                 r.reboot_required, r.armed_boot_id = True, boot
                 self.store.save(r)
                 try:
@@ -303,7 +348,8 @@ class Flow:
         booted = self.booted()
         if booted == r.slot and self.bootloader.is_trial():
             return Event.TRIAL_BOOTED
-        if r.state == State.ARMED and booted == r.from_slot and not r.reboot_issued:
+        never = self.config.reboot.policy == "never"
+        if r.state == State.ARMED and booted == r.from_slot and not r.reboot_issued and not never:
             # The power went before the reboot into the trial was even asked for: the trial
             # never started, so it has not failed. Arm again on this boot.
             log.warning("the device restarted before the reboot into slot %s; arming again", r.slot)
@@ -357,6 +403,8 @@ class Flow:
             else:  # the package did not say: the old version is not true any more
                 r.installed.pop(target, None)
         r.reboot_required = False
+        if r.slot is not None:
+            r.slot_versions[r.slot] = dict(r.installed)
         log.info("version %s committed%s", r.version, f" in slot {r.slot}" if r.slot else "")
         return Event.COMMITTED
 
@@ -371,7 +419,10 @@ class Flow:
             except UpdaterError as err:
                 first = err
         try:
-            undo_file_targets(self.journal())
+            journal = self.journal()
+            mine = journal.data.get("task_id") == r.task_id
+            if mine and journal.data.get("state") != "committed":
+                undo_file_targets(journal)
         except UpdaterError as err:
             first = first or err
         if first is not None:
@@ -393,6 +444,7 @@ class Flow:
         r.last_result["package_version"] = package
         log.info("update result: %s", r.last_result)
         if in_bad_slot:
+            r.state = State.IDLE  # done before the reboot: a crash there must not report again
             self.store.save(r)
             self._reboot(armed=False)  # back to the good slot
         return Event.REPORTED
@@ -401,8 +453,7 @@ class Flow:
 
     def _reboot(self, *, armed: bool) -> None:
         policy = self.config.reboot.policy
-        argument = self.bootloader.reboot_argument(armed)
-        command = [*self.config.reboot.command, *([argument] if argument else [])]
+        command = reboot_command(self.config, self.bootloader.reboot_argument(armed))
         if policy == "never" and armed:
             log.info("reboot required (policy never): %s", shlex.join(command))
             return
@@ -424,7 +475,12 @@ class Flow:
         try:
             subprocess.run(command, check=True, timeout=60, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.SubprocessError) as err:
-            raise BootloaderError("reboot", f"{shlex.join(command)} failed: {err}") from err
+            # The update is fine; only the reboot did not happen: say so and wait for one.
+            log.error("%s failed: %s; reboot required", shlex.join(command), err)
+            if armed:
+                self.record.reboot_issued = False
+                self.store.save(self.record)
+            return
         self.rebooted = True
 
     # -- status ----------------------------------------------------------------------------------
@@ -457,3 +513,26 @@ class Flow:
         info["last_result"] = r.last_result or None
         info["failed_trials"] = r.failed_trials
         return info
+
+
+def reboot_command(config: Config, argument: str | None) -> list[str]:
+    """The configured reboot command with the bootloader's reboot argument, if any.
+
+    ``{reboot_arg}`` in the command is replaced by the argument (or dropped); without it the
+    argument is appended only to ``systemctl reboot``, which passes it to the kernel. Other
+    commands (``shutdown -r``, a script) would take it for something else: see
+    :func:`can_pass_reboot_argument`.
+    """
+    words = list(config.reboot.command)
+    if any("{reboot_arg}" in w for w in words):
+        return [w.replace("{reboot_arg}", argument or "") for w in words if w or argument]
+    if argument and can_pass_reboot_argument(config):
+        return [*words, argument]
+    return words
+
+
+def can_pass_reboot_argument(config: Config) -> bool:
+    words = config.reboot.command
+    if any("{reboot_arg}" in w for w in words):
+        return True
+    return Path(words[0]).name == "systemctl" and "reboot" in words[1:]

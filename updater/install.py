@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from updater.config import Config
-from updater.errors import UpdaterError, VerificationError, WriteError
+from updater.errors import Cancelled, UpdaterError, VerificationError, WriteError
 from updater.fetch import FetchStats, RetryPolicy, Transfer, Validator
 from updater.hooks import HookContext, HookStage, run_hook
 from updater.journal import Journal, StateLock
@@ -74,8 +75,10 @@ class Installer:
         journal: Journal | None = None,
         policy: RetryPolicy | None = None,
         sleep: Callable[[float], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.plan = plan
+        self.cancel = cancel
         self.config = config
         self.progress = progress
         self.journal = journal or Journal.open(Path(config.state_dir))
@@ -238,7 +241,7 @@ class Installer:
             fsync_interval=dl.fsync_interval,
             file_name=spec.name,
             on_durable=lambda n: self.journal.update_file(spec.name, durable=n),
-            on_bytes=self.progress.advance,
+            on_bytes=self._on_bytes,
         )
         try:
             stream.resume_from(durable)
@@ -281,6 +284,13 @@ class Installer:
             sink.close()
         self.journal.update_file(spec.name, verified=True, durable=spec.size, digest=digest)
         self.progress.file_verified(spec.name)
+
+    def _on_bytes(self, n: int) -> None:
+        """Progress, and the place where a cancellation stops the transfer (the download
+        thread, inside libcurl's callback: the exception ends the transfer cleanly)."""
+        self.progress.advance(n)
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("a newer task replaces this one")
 
     def _staging_lost(self, item: FileItem, record: dict[str, Any]) -> bool:
         """A verified file target whose staged content is neither staged nor applied."""
@@ -442,8 +452,14 @@ def undo_files(journal: Journal, which: Callable[[dict[str, Any]], bool]) -> Non
 
 
 def undo_file_targets(journal: Journal) -> None:
-    """Put back every file target the journal's task applied (a rollback after the reboot)."""
+    """Put back every file target the journal's task applied (a rollback after the reboot).
+
+    The journal then no longer counts as downloaded: a retry of the same task fetches the files
+    whose new content went with the rollback, and applies them again.
+    """
     undo_files(journal, _was_applied)
+    journal.data["state"] = "rolled-back"
+    journal.save()
 
 
 def commit_file_targets(journal: Journal) -> None:

@@ -132,6 +132,8 @@ class Record:
     step: int = 0  # the IoT Platform code of the failure (-1..-4), 0 for none
     installed: dict[str, str] = field(default_factory=dict)  # target -> committed version
     failed_trials: dict[str, str] = field(default_factory=dict)  # task id -> slot that failed
+    #: slot -> the versions of the committed image it holds (absent: unknown or being written)
+    slot_versions: dict[str, dict[str, str]] = field(default_factory=dict)
     last_result: dict[str, Any] = field(default_factory=dict)
     reboot_required: bool = False
     reboot_issued: bool = False  # the reboot into the trial was asked for (not just armed)

@@ -288,9 +288,11 @@ class JsonLines:
 class StepReporter:
     """The IoT Platform ``step`` rule: ``publish(step, desc)`` with
 
-    0 at start; then the percent at each gain of at least ``step_percent`` over the last
-    published value (never 100 before done); 100 at done; on failure the negative code and a
-    ``desc`` naming the file and the reason. Nothing after done or failure.
+    0 at start; then, each time the percent reaches the next multiple of ``step_percent``, that
+    multiple (5, 10, 15, ...: the platform's console shows round steps, and a device's sequence
+    does not depend on how the bytes happened to arrive); never 100 before done; 100 at done; on
+    failure the negative code and a ``desc`` naming the file and the reason. Nothing after done
+    or failure.
     """
 
     def __init__(self, step_percent: int = 5, *, publish: Callable[[int, str], None]) -> None:
@@ -315,6 +317,7 @@ class StepReporter:
             self._publish(event.step if event.step is not None else -1, _failure_desc(event))
         else:
             last = self._last if self._last is not None else 0
-            if event.percent < 100 and event.percent - last >= self._step:
-                self._last = event.percent
-                self._publish(event.percent, "")
+            reached = event.percent // self._step * self._step
+            if event.percent < 100 and reached > last:
+                self._last = reached
+                self._publish(reached, "")

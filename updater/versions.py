@@ -4,7 +4,8 @@ The device's version is the targets' versions concatenated in the configured tar
 (``a1`` + ``b1`` + ``c1`` = ``a1b1c1``): what the IoT Platform waits to hear after an update. Until
 the signed manifest names each file's version, it comes from the task: the target's
 ``version_pattern`` matched against the file name, else ``extData.versions`` (an object, or a JSON
-string, mapping file names to versions), else, for a one-file task, the task's version. When some
+string, mapping file names to versions), else, when the device has a single target, the task's
+version. When some
 target's version cannot be told, the device reports the last committed package's version.
 """
 
@@ -18,8 +19,8 @@ from updater.errors import PlanError
 from updater.plan import InstallPlan
 
 
-def file_versions(plan: InstallPlan) -> dict[str, str]:
-    """target name -> the version this task installs into it."""
+def file_versions(plan: InstallPlan, config: Config) -> dict[str, str]:
+    """target name -> the version this task installs into it (when the task tells)."""
     task = plan.task
     declared = _ext_versions(task.ext_data)
     versions: dict[str, str] = {}
@@ -34,7 +35,7 @@ def file_versions(plan: InstallPlan) -> dict[str, str]:
             versions[target.name] = m.group(1)
         elif name in declared:
             versions[target.name] = declared[name]
-        elif len(task.files) == 1:
+        elif len(task.files) == 1 and len(config.targets) == 1:  # the package is the device
             versions[target.name] = task.version
         # else: unknown; the device then reports the package version as a whole
     return versions
@@ -68,7 +69,7 @@ def check_package_version(
 ) -> dict[str, str]:
     """The version each target of the task will hold ("" when the task does not tell); refuse a
     package whose declared version is not the concatenation (when every version is known)."""
-    new = file_versions(plan)
+    new = file_versions(plan, config)
     pending = {item.target.name: new.get(item.target.name, "") for item in plan.items}
     if "" in pending.values():
         return pending  # some file's version is unknown: nothing to check it against

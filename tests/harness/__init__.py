@@ -13,19 +13,36 @@ import pytest
 
 from .faultproxy import Fault, FaultProxy, RequestLog, random_cuts
 from .loopdev import LoopDevice, LoopDevices, loop_device, loop_devices_available, make_sparse_image
+from .mosquitto import (
+    DeviceTopics,
+    Mosquitto,
+    MosquittoError,
+    Recorder,
+    RecorderError,
+    Seen,
+    find_mosquitto,
+    mosquitto_available,
+)
 from .nginx import Docroot, Nginx, ServedFile, find_nginx, free_port
 from .tls import TlsFiles, make_tls_files
 
 __all__ = [
+    "DeviceTopics",
     "Docroot",
     "Fault",
     "FaultProxy",
     "LoopDevice",
     "LoopDevices",
+    "Mosquitto",
+    "MosquittoError",
     "Nginx",
+    "Recorder",
+    "RecorderError",
     "RequestLog",
+    "Seen",
     "ServedFile",
     "TlsFiles",
+    "find_mosquitto",
     "find_nginx",
     "free_port",
     "in_ci",
@@ -33,6 +50,7 @@ __all__ = [
     "loop_devices_available",
     "make_sparse_image",
     "make_tls_files",
+    "mosquitto_available",
     "random_cuts",
     "require",
 ]

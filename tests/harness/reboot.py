@@ -53,7 +53,8 @@ class RebootHarness:
 
     def configure(self, policy: str = "now") -> None:
         """Point the updater's reboot command at the recorder."""
-        self.device.write_config(reboot={"policy": policy, "command": [str(self.recorder)]})
+        command = [str(self.recorder), "{reboot_arg}"]
+        self.device.write_config(reboot={"policy": policy, "command": command})
 
     def reboot_requests(self) -> list[str]:
         if not self.requests.exists():

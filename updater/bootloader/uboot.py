@@ -111,6 +111,13 @@ class UBoot:
             raise BootloaderError(
                 NAME, f"bootlimit={env.bootlimit} in the environment is outside 1..{MAX_BOOTLIMIT}"
             )
+        if self.booted_slot() is None:
+            # Without it no boot can be recognised as the trial: every update would roll back.
+            raise BootloaderError(
+                NAME,
+                f"no rpi_updater.slot= on the kernel command line ({self.cmdline}): the boot "
+                "script is not the one image-recipes/uboot/boot.cmd ships",
+            )
 
     def booted_slot(self) -> str | None:
         """``rpi_updater.slot=`` from the kernel command line: boot.cmd appends the slot it chose,
