@@ -458,8 +458,9 @@ def undo_file_targets(journal: Journal) -> None:
     whose new content went with the rollback, and applies them again.
     """
     undo_files(journal, _was_applied)
-    journal.data["state"] = "rolled-back"
-    journal.save()
+    if journal.data.get("state") in DOWNLOADED:
+        journal.data["state"] = "rolled-back"
+        journal.save()
 
 
 def commit_file_targets(journal: Journal) -> None:
