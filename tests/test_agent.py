@@ -1,0 +1,379 @@
+"""The MQTT agent end to end: mosquitto (TLS, passwords, ACL), nginx, the daemon as a process.
+
+The assertions are on what the broker saw (the recorder subscribes to everything as admin) and
+on the bytes that landed on the slots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Docroot, FaultProxy, Mosquitto, Nginx, Recorder, require
+from tests.harness.device import REPO, Device, MiB, build_device, task_for
+from tests.harness.faultproxy import Fault
+from tests.harness.nginx import ServedFile
+from tests.harness.reboot import RebootHarness
+
+PK, DN = "a1B2c3D4e5F", "pi-0001"
+INFORM = f"/ota/device/inform/{PK}/{DN}"
+UPGRADE = f"/ota/device/upgrade/{PK}/{DN}"
+PROGRESS = f"/ota/device/progress/{PK}/{DN}"
+GET = f"/sys/{PK}/{DN}/thing/ota/firmware/get"
+
+
+@pytest.fixture
+def trusted_dir() -> Iterator[Path]:
+    require(os.geteuid() == 0, "health checks must be root-owned: run the tests as root")
+    path = Path(tempfile.mkdtemp(prefix="rpi-updater-agent-", dir="/run"))
+    path.chmod(0o755)
+    (path / "10-ok").write_text("#!/bin/sh\nexit 0\n")
+    (path / "10-ok").chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def device(tmp_path: Path, nginx: Nginx, mosquitto: Mosquitto, trusted_dir: Path) -> Device:
+    dev = build_device(tmp_path / "dev", loops=None, ca_file=nginx.ca_file)
+    identity = tmp_path / "identity.yaml"
+    identity.write_text(
+        f"product_key: {PK}\ndevice_name: {DN}\nusername: device_user\npassword: device_pass\n"
+    )
+    identity.chmod(0o600)
+    dev.write_config(
+        mqtt={
+            "host": mosquitto.host,
+            "port": mosquitto.port,
+            "ca_file": str(mosquitto.ca_file),
+            "login": "plain",
+            "identity_file": str(identity),
+            "keepalive": 30,
+            "reconnect_max": 1,
+        },
+        factory_versions={"boot": "a0", "rootfs": "b0", "config": "c0"},
+        health={"system_running": False, "directory": str(trusted_dir)},
+    )
+    return dev
+
+
+@pytest.fixture
+def harness(device: Device) -> RebootHarness:
+    h = RebootHarness(device, "tryboot")
+    h.configure("now")
+    return h
+
+
+class Daemon:
+    """``rpi-updater daemon`` as its own process, its log in a file."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.log = device.root / f"daemon-{time.monotonic_ns()}.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                device.command("daemon"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        if daemon.alive():
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+def start(device: Device, daemons: list[Daemon]) -> Daemon:
+    daemon = Daemon(device)
+    daemons.append(daemon)
+    return daemon
+
+
+def push(
+    files: dict[str, ServedFile], url: object, version: str, versions: dict[str, str]
+) -> dict[str, object]:
+    entries = [(name, url(f.name), f.size, f.sha256) for name, f in files.items()]  # type: ignore[operator]
+    task = task_for(entries, version=version)
+    data = task["data"]
+    assert isinstance(data, dict)
+    data["extData"] = {"versions": versions}
+    return task
+
+
+def package(docroot: Docroot, tag: str, size: int = 3 * MiB) -> dict[str, ServedFile]:
+    return {
+        "boot.img": docroot.add_random(size // 3, name=f"boot-{tag}.img"),
+        "rootfs.img": docroot.add_random(size, name=f"rootfs-{tag}.img"),
+        "app.conf": docroot.add_bytes(f"app-{tag}.conf", f"version = {tag}\n".encode()),
+    }
+
+
+def steps(broker_log: Recorder) -> list[tuple[int, str]]:
+    out = []
+    for message in broker_log.json(PROGRESS):
+        params = message["params"]
+        out.append((int(params["step"]), str(params.get("desc", ""))))
+    return out
+
+
+def wait_step(broker_log: Recorder, step: int, timeout: float = 30) -> dict[str, object]:
+    seen = broker_log.wait_for(
+        lambda m: m.topic == PROGRESS and json.loads(m.payload)["params"]["step"] == str(step),
+        timeout=timeout,
+    )
+    data = json.loads(seen.payload)
+    assert isinstance(data, dict)
+    return data
+
+
+def informs(broker_log: Recorder) -> list[str]:
+    return [str(m["params"]["version"]) for m in broker_log.json(INFORM)]
+
+
+# -- the whole flow --------------------------------------------------------------------------------
+
+
+def test_a_push_is_installed_reported_and_informed_after_the_health_check(
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    nginx: Nginx,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+) -> None:
+    files = package(docroot, "v1", size=12 * MiB)
+    daemon = start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+    broker_log.wait_for(GET, timeout=5)
+    assert informs(broker_log) == ["a0b0c0"], "the current version on connect"
+
+    broker_log.publish(
+        UPGRADE,
+        push(files, nginx.url, "a1b1c1", {"boot.img": "a1", "rootfs.img": "b1", "app.conf": "c1"}),
+    )
+    wait_step(broker_log, 100)
+    deadline = time.monotonic() + 20
+    while not harness.reboot_requests():
+        assert time.monotonic() < deadline, daemon.text()
+        time.sleep(0.05)
+
+    sequence = [s for s, _ in steps(broker_log)]
+    assert sequence[0] == 0 and sequence[-1] == 100
+    assert sequence == sorted(set(sequence)), "strictly increasing"
+    assert all(s % 5 == 0 for s in sequence), "round steps"
+    times = [m.time for m in broker_log.messages(PROGRESS)]
+    assert len(times) <= 2 + 4 * (times[-1] - times[0] + 1), "a few messages a second at most"
+    assert harness.reboot_requests() == ["0 tryboot"]
+    assert daemon.stop() == 0
+
+    # The reboot: the trial boot, the health check at boot, the daemon again.
+    assert harness.boot() == "B"
+    assert device.run("health-check").returncode == 0
+    broker_log.clear()
+    start(device, daemons)
+    seen = broker_log.wait_for(INFORM, timeout=20)
+    assert json.loads(seen.payload)["params"] == {"version": "a1b1c1"}
+    assert device.parts["B.root"].read(files["rootfs.img"].size) == files["rootfs.img"].read_bytes()
+    assert device.parts["B.boot"].read(files["boot.img"].size) == files["boot.img"].read_bytes()
+    assert (device.etc / "app.conf").read_bytes() == b"version = v1\n"
+
+
+# -- bad input never stops the daemon -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["malformed", "unknown-file", "wrong-digest"])
+def test_bad_pushes_get_the_right_negative_step_and_the_daemon_lives_on(
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    nginx: Nginx,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+    case: str,
+) -> None:
+    daemon = start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+    files = package(docroot, "v2")
+    if case == "malformed":
+        payload: dict[str, object] | str = (
+            '{"code":"1000","data":{"version":"x","files":[{"fileName":'
+        )
+        expected, where = -1, "malformed task"
+    elif case == "unknown-file":
+        files["kernel8.img"] = files.pop("boot.img")
+        payload = push(files, nginx.url, "v2", {})
+        expected, where = -1, "kernel8.img"
+    else:
+        task = push(
+            files, nginx.url, "a2b2c2", {"boot.img": "a2", "rootfs.img": "b2", "app.conf": "c2"}
+        )
+        data = task["data"]
+        assert isinstance(data, dict)
+        data["files"][1]["fileSign"] = "0" * 64
+        payload = task
+        expected, where = -3, "rootfs.img"
+
+    broker_log.publish(UPGRADE, payload)
+    failure = wait_step(broker_log, expected)
+
+    params = failure["params"]
+    assert isinstance(params, dict) and where in str(params["desc"])
+    time.sleep(0.5)
+    assert daemon.alive(), daemon.text()
+    assert harness.reboot_requests() == []
+    assert daemon.stop() == 0
+
+
+# -- duplicates, outages ---------------------------------------------------------------------------
+
+
+def test_the_same_push_twice_runs_once(
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    fault_proxy: FaultProxy,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+) -> None:
+    files = package(docroot, "v3")
+    fault_proxy.default = Fault(stall_after=1 * MiB, stall_seconds=0.3)
+    start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+    message = push(
+        files, fault_proxy.url, "a3b3c3", {"boot.img": "a3", "rootfs.img": "b3", "app.conf": "c3"}
+    )
+
+    broker_log.publish(UPGRADE, message)
+    wait_step(broker_log, 0)
+    broker_log.publish(UPGRADE, message)  # while it runs
+    wait_step(broker_log, 100)
+    broker_log.publish(UPGRADE, message)  # after it is armed
+    time.sleep(1)
+
+    assert [s for s, _ in steps(broker_log)].count(0) == 1
+    fault_proxy.wait_idle()
+    total = sum(f.size for f in files.values())
+    assert fault_proxy.body_bytes_total == total, "every byte fetched once"
+    assert harness.reboot_requests() == ["0 tryboot"]
+
+
+def test_a_broker_outage_during_the_download_loses_no_report(
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    fault_proxy: FaultProxy,
+    mosquitto: Mosquitto,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+) -> None:
+    files = package(docroot, "v4", size=6 * MiB)
+    fault_proxy.default = Fault(stall_after=1 * MiB, stall_seconds=0.4)
+    daemon = start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+    broker_log.publish(
+        UPGRADE,
+        push(
+            files,
+            fault_proxy.url,
+            "a4b4c4",
+            {"boot.img": "a4", "rootfs.img": "b4", "app.conf": "c4"},
+        ),
+    )
+    wait_step(broker_log, 0)
+    try:
+        mosquitto.kill()
+        time.sleep(2)  # the download goes on without the broker
+    finally:
+        mosquitto.start()
+    broker_log.wait_ready()
+
+    wait_step(broker_log, 100, timeout=60)
+
+    assert daemon.alive(), daemon.text()
+    assert device.parts["B.root"].read(files["rootfs.img"].size) == files["rootfs.img"].read_bytes()
+    deadline = time.monotonic() + 20
+    while not harness.reboot_requests():
+        assert time.monotonic() < deadline, daemon.text()
+        time.sleep(0.05)
+
+
+def test_the_iot_platform_login_is_accepted_by_a_broker_that_knows_the_signature(
+    device: Device,
+    tls_files: object,
+    tmp_path: Path,
+    daemons: list[Daemon],
+) -> None:
+    """A broker whose password file holds the signed login computed in the test from the
+    protocol description (username dn&pk, HMAC-SHA256 password): the daemon's own signing
+    gets it in."""
+    import hashlib
+    import hmac
+
+    from tests.harness import TlsFiles
+
+    assert isinstance(tls_files, TlsFiles)
+    secret = "s3cr3tS3cr3tS3cr3tS3cr3tS3cr3t12"
+    signed = f"clientId{PK}.{DN}deviceName{DN}productKey{PK}timestamp2524608000000"
+    password = hmac.new(secret.encode(), signed.encode(), hashlib.sha256).hexdigest()
+    broker = Mosquitto(
+        tls_files, tmp_path / "aliyun", device_user=f"{DN}&{PK}", device_password=password
+    )
+    broker.start()
+    try:
+        identity = tmp_path / "identity-aliyun.yaml"
+        identity.write_text(f"product_key: {PK}\ndevice_name: {DN}\ndevice_secret: {secret}\n")
+        identity.chmod(0o600)
+        mqtt = dict(device.config["mqtt"])  # type: ignore[call-overload]
+        mqtt.update(port=broker.port, login="iot-platform", identity_file=str(identity))
+        device.write_config(mqtt=mqtt)
+        recorder = Recorder(broker).start()
+        try:
+            daemon = start(device, daemons)
+            seen = recorder.wait_for(INFORM, timeout=20)
+            assert json.loads(seen.payload)["params"] == {"version": "a0b0c0"}
+            assert daemon.stop() == 0
+            assert secret not in daemon.text() and password not in daemon.text()
+        finally:
+            recorder.stop()
+    finally:
+        broker.stop()
+
+
+def test_an_identity_file_others_can_read_is_refused(device: Device) -> None:
+    identity = Path(str(device.config["mqtt"]["identity_file"]))  # type: ignore[index]
+    identity.chmod(0o644)
+
+    result = device.run("daemon")
+
+    assert result.returncode == 2
+    assert "lets others read it: chmod 600" in result.stderr
+    assert "device_pass" not in result.stderr
