@@ -15,10 +15,18 @@ STAMP := $(VENV)/.dev-installed
 DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux udev u-boot-tools
 DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup udevadm mkimage
 
-.PHONY: test lint bench demo deps clean distclean
+.PHONY: test test-paho16 lint bench demo deps clean distclean
 
 test: lint deps
 	$(BIN)/pytest -q
+	$(MAKE) test-paho16
+
+# The agent against Debian 12's paho-mqtt 1.6.1 too (Debian 13 and PyPI have 2.x).
+PAHO16 := .venv-paho16
+test-paho16: $(STAMP)
+	@test -x $(PAHO16)/bin/python || $(PYTHON) -m venv $(PAHO16)
+	@test -f $(PAHO16)/.installed || { $(PAHO16)/bin/python -m pip install --quiet -e '.[dev]' 'paho-mqtt==1.6.1' && touch $(PAHO16)/.installed; }
+	$(PAHO16)/bin/python -m pytest -q -p no:cacheprovider tests/test_agent.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check updater tests
@@ -66,4 +74,4 @@ clean:
 	find updater tests -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PAHO16)

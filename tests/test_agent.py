@@ -377,3 +377,138 @@ def test_an_identity_file_others_can_read_is_refused(device: Device) -> None:
     assert result.returncode == 2
     assert "lets others read it: chmod 600" in result.stderr
     assert "device_pass" not in result.stderr
+
+
+# -- restarts, replacement, systemd -------------------------------------------------------------
+
+
+def test_a_daemon_killed_mid_download_resumes_when_restarted(
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    fault_proxy: FaultProxy,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+) -> None:
+    files = package(docroot, "v5", size=8 * MiB)
+    fault_proxy.default = Fault(stall_after=2 * MiB, stall_seconds=0.3)
+    daemon = start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+    broker_log.publish(
+        UPGRADE,
+        push(
+            files,
+            fault_proxy.url,
+            "a5b5c5",
+            {"boot.img": "a5", "rootfs.img": "b5", "app.conf": "c5"},
+        ),
+    )
+    wait_step(broker_log, 40, timeout=30)
+    daemon.proc.kill()  # a hung daemon killed by systemd's watchdog, say
+    daemon.proc.wait()
+
+    start(device, daemons)  # systemd restarts it
+
+    wait_step(broker_log, 100, timeout=60)
+    fault_proxy.wait_idle()
+    total = sum(f.size for f in files.values())
+    assert fault_proxy.body_bytes_total - total <= 64 * MiB // 16 + 2 * MiB, "the prefix kept"
+    assert device.parts["B.root"].read(files["rootfs.img"].size) == files["rootfs.img"].read_bytes()
+
+
+def test_a_newer_task_replaces_one_still_downloading(
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    fault_proxy: FaultProxy,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+) -> None:
+    old = package(docroot, "v6", size=8 * MiB)
+    new = package(docroot, "v7", size=2 * MiB)
+    fault_proxy.default = Fault(stall_after=1 * MiB, stall_seconds=0.5)
+    daemon = start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+    broker_log.publish(
+        UPGRADE,
+        push(
+            old, fault_proxy.url, "a6b6c6", {"boot.img": "a6", "rootfs.img": "b6", "app.conf": "c6"}
+        ),
+    )
+    wait_step(broker_log, 5, timeout=30)
+
+    broker_log.publish(
+        UPGRADE,
+        push(
+            new, fault_proxy.url, "a7b7c7", {"boot.img": "a7", "rootfs.img": "b7", "app.conf": "c7"}
+        ),
+    )
+
+    wait_step(broker_log, 100, timeout=60)
+    assert "replaces task" in daemon.text()
+    status = json.loads(device.run("status", "--json").stdout)
+    assert status["update"]["version"] == "a7b7c7" and status["state"] == "armed"
+    assert device.parts["B.root"].read(new["rootfs.img"].size) == new["rootfs.img"].read_bytes()
+
+
+def test_a_failure_recorded_at_boot_is_reported_once_by_the_daemon(
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    nginx: Nginx,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+    trusted_dir: Path,
+) -> None:
+    (trusted_dir / "20-app").write_text("#!/bin/sh\necho the app does not answer >&2\nexit 1\n")
+    (trusted_dir / "20-app").chmod(0o755)
+    files = package(docroot, "v8")
+    task = device.task_file(
+        push(files, nginx.url, "a8b8c8", {"boot.img": "a8", "rootfs.img": "b8", "app.conf": "c8"})
+    )
+    assert device.run("install", str(task)).returncode == 0
+    assert harness.boot() == "B"
+    assert device.run("health-check").returncode == 1
+    assert harness.boot() == "A"
+
+    start(device, daemons)
+    failure = wait_step(broker_log, -1, timeout=20)
+    params = failure["params"]
+    assert isinstance(params, dict) and "the app does not answer" in str(params["desc"])
+    assert informs(broker_log)[-1] == "a0b0c0", "the old version stays"
+    daemons[-1].stop()
+    broker_log.clear()
+    start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+    time.sleep(0.5)
+    assert steps(broker_log) == [], "reported once"
+
+
+def test_systemd_hears_ready_status_and_watchdog(
+    device: Device, broker_log: Recorder, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    os.environ["NOTIFY_SOCKET"] = str(sock_path)
+    os.environ["WATCHDOG_USEC"] = "2000000"
+    try:
+        daemon = start(device, daemons)
+    finally:
+        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+    heard: list[str] = []
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (
+            "READY=1" in heard and heard.count("WATCHDOG=1") >= 2
+        ):
+            heard.append(sock.recv(4096).decode())
+    finally:
+        sock.close()
+    assert "READY=1" in heard, heard
+    assert any(h.startswith("STATUS=") for h in heard), heard
+    assert heard.count("WATCHDOG=1") >= 2, heard
+    assert daemon.stop() == 0
