@@ -512,3 +512,41 @@ def test_systemd_hears_ready_status_and_watchdog(
     assert any(h.startswith("STATUS=") for h in heard), heard
     assert heard.count("WATCHDOG=1") >= 2, heard
     assert daemon.stop() == 0
+
+
+def test_a_failure_after_100_percent_is_reported_at_once_and_only_once(
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    nginx: Nginx,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+    trusted_dir: Path,
+) -> None:
+    hook = trusted_dir / "conf-post"
+    hook.write_text("#!/bin/sh\necho the service rejects the config >&2\nexit 3\n")
+    hook.chmod(0o755)
+    targets = device.config["targets"]
+    assert isinstance(targets, list)
+    targets[2]["post_install"] = str(hook)
+    device.write_config(targets=targets)
+    files = package(docroot, "v9")
+    daemon = start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+
+    broker_log.publish(
+        UPGRADE,
+        push(files, nginx.url, "a9b9c9", {"boot.img": "a9", "rootfs.img": "b9", "app.conf": "c9"}),
+    )
+
+    failure = wait_step(broker_log, -4, timeout=30)
+    params = failure["params"]
+    assert isinstance(params, dict) and "the service rejects the config" in str(params["desc"])
+    assert [s for s, _ in steps(broker_log)][-2:] == [100, -4]
+    assert harness.reboot_requests() == []
+    assert daemon.stop() == 0
+    broker_log.clear()
+    start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+    time.sleep(0.5)
+    assert steps(broker_log) == [], "not reported again after a restart"
