@@ -79,6 +79,8 @@ class Installer:
     ) -> None:
         self.plan = plan
         self.cancel = cancel
+        if cancel is not None and sleep is None:
+            sleep = self._cancellable_sleep  # a back-off must not outlast a replacement
         self.config = config
         self.progress = progress
         self.journal = journal or Journal.open(Path(config.state_dir))
@@ -284,6 +286,11 @@ class Installer:
             sink.close()
         self.journal.update_file(spec.name, verified=True, durable=spec.size, digest=digest)
         self.progress.file_verified(spec.name)
+
+    def _cancellable_sleep(self, seconds: float) -> None:
+        assert self.cancel is not None
+        if self.cancel.wait(seconds):
+            raise Cancelled("a newer task replaces this one")
 
     def _on_bytes(self, n: int) -> None:
         """Progress, and the place where a cancellation stops the transfer (the download
