@@ -149,3 +149,20 @@ def broker_log(mosquitto: Mosquitto) -> Iterator[Recorder]:
     recorder = Recorder(mosquitto).start()
     yield recorder
     recorder.stop()
+
+
+@pytest.fixture
+def trusted_dir() -> Iterator[Path]:
+    """A root-owned 0755 directory under /run for programs the updater must trust (hooks,
+    health checks): pytest's tmp_path lives under /tmp (1777), which the updater refuses."""
+    import os
+    import shutil
+    import tempfile
+
+    require(os.geteuid() == 0, "trusted programs must be root-owned: run the tests as root")
+    path = Path(tempfile.mkdtemp(prefix="rpi-updater-trusted-", dir="/run"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

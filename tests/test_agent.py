@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Docroot, FaultProxy, Mosquitto, Nginx, Recorder, require
+from tests.harness import Docroot, FaultProxy, Mosquitto, Nginx, Recorder
 from tests.harness.device import REPO, Device, MiB, build_device, task_for
 from tests.harness.faultproxy import Fault
 from tests.harness.nginx import ServedFile
@@ -32,21 +30,10 @@ GET = f"/sys/{PK}/{DN}/thing/ota/firmware/get"
 
 
 @pytest.fixture
-def trusted_dir() -> Iterator[Path]:
-    require(os.geteuid() == 0, "health checks must be root-owned: run the tests as root")
-    path = Path(tempfile.mkdtemp(prefix="rpi-updater-agent-", dir="/run"))
-    path.chmod(0o755)
-    (path / "10-ok").write_text("#!/bin/sh\nexit 0\n")
-    (path / "10-ok").chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def device(tmp_path: Path, nginx: Nginx, mosquitto: Mosquitto, trusted_dir: Path) -> Device:
     dev = build_device(tmp_path / "dev", loops=None, ca_file=nginx.ca_file)
+    (trusted_dir / "10-ok").write_text("#!/bin/sh\nexit 0\n")
+    (trusted_dir / "10-ok").chmod(0o755)
     identity = tmp_path / "identity.yaml"
     identity.write_text(
         f"product_key: {PK}\ndevice_name: {DN}\nusername: device_user\npassword: device_pass\n"

@@ -8,10 +8,7 @@ Each step is a separate ``rpi-updater`` process, as across real reboots.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,18 +17,6 @@ from tests.harness import Docroot, Nginx, require
 from tests.harness.device import Device, MiB, build_device, task_for
 from tests.harness.nginx import ServedFile
 from tests.harness.reboot import RebootHarness
-
-
-@pytest.fixture
-def trusted_dir() -> Iterator[Path]:
-    """A root-owned 0755 directory for health checks (pytest's tmp_path is under 1777 /tmp)."""
-    require(os.geteuid() == 0, "health checks must be root-owned: run the tests as root")
-    path = Path(tempfile.mkdtemp(prefix="rpi-updater-health-", dir="/run"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -15,11 +15,9 @@ the old files), slot A's bytes never written, and autoboot.txt / the U-Boot env 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,19 +32,6 @@ from updater.cli import main
 
 class PowerCut(BaseException):
     """The power goes: nothing after this point happens (not an Exception: nothing catches it)."""
-
-
-@pytest.fixture
-def trusted_dir() -> Iterator[Path]:
-    require(os.geteuid() == 0, "health checks must be root-owned: run the tests as root")
-    path = Path(tempfile.mkdtemp(prefix="rpi-updater-powercut-", dir="/run"))
-    path.chmod(0o755)
-    (path / "10-ok").write_text("#!/bin/sh\nexit 0\n")
-    (path / "10-ok").chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def cut_after_write(
@@ -181,6 +166,8 @@ def test_a_power_cut_after_every_durable_write(
 ) -> None:
     if bootloader == "uboot":
         require(shutil.which("fw_setenv") is not None, "fw_setenv (libubootenv-tool) is missing")
+    (trusted_dir / "10-ok").write_text("#!/bin/sh\nexit 0\n")
+    (trusted_dir / "10-ok").chmod(0o755)
     device, harness, task, images = setup(tmp_path / "ref", nginx, docroot, trusted_dir, bootloader)
     seen: list[str] = []
     writes = cut_after_write(monkeypatch, None, seen)
