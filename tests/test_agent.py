@@ -116,6 +116,12 @@ def push(
     return task
 
 
+def numbered(files: dict[str, ServedFile], url: object, n: int) -> dict[str, object]:
+    """Package number n: version an bn cn, each file's version in extData."""
+    versions = {"boot.img": f"a{n}", "rootfs.img": f"b{n}", "app.conf": f"c{n}"}
+    return push(files, url, f"a{n}b{n}c{n}", versions)
+
+
 def package(docroot: Docroot, tag: str, size: int = 3 * MiB) -> dict[str, ServedFile]:
     return {
         "boot.img": docroot.add_random(size // 3, name=f"boot-{tag}.img"),
@@ -165,7 +171,7 @@ def test_a_push_is_installed_reported_and_informed_after_the_health_check(
 
     broker_log.publish(
         UPGRADE,
-        push(files, nginx.url, "a1b1c1", {"boot.img": "a1", "rootfs.img": "b1", "app.conf": "c1"}),
+        numbered(files, nginx.url, 1),
     )
     wait_step(broker_log, 100)
     deadline = time.monotonic() + 20
@@ -220,9 +226,7 @@ def test_bad_pushes_get_the_right_negative_step_and_the_daemon_lives_on(
         payload = push(files, nginx.url, "v2", {})
         expected, where = -1, "kernel8.img"
     else:
-        task = push(
-            files, nginx.url, "a2b2c2", {"boot.img": "a2", "rootfs.img": "b2", "app.conf": "c2"}
-        )
+        task = numbered(files, nginx.url, 2)
         data = task["data"]
         assert isinstance(data, dict)
         data["files"][1]["fileSign"] = "0" * 64
@@ -255,9 +259,7 @@ def test_the_same_push_twice_runs_once(
     fault_proxy.default = Fault(stall_after=1 * MiB, stall_seconds=0.3)
     start(device, daemons)
     broker_log.wait_for(INFORM, timeout=20)
-    message = push(
-        files, fault_proxy.url, "a3b3c3", {"boot.img": "a3", "rootfs.img": "b3", "app.conf": "c3"}
-    )
+    message = numbered(files, fault_proxy.url, 3)
 
     broker_log.publish(UPGRADE, message)
     wait_step(broker_log, 0)
@@ -288,12 +290,7 @@ def test_a_broker_outage_during_the_download_loses_no_report(
     broker_log.wait_for(INFORM, timeout=20)
     broker_log.publish(
         UPGRADE,
-        push(
-            files,
-            fault_proxy.url,
-            "a4b4c4",
-            {"boot.img": "a4", "rootfs.img": "b4", "app.conf": "c4"},
-        ),
+        numbered(files, fault_proxy.url, 4),
     )
     wait_step(broker_log, 0)
     try:
@@ -383,12 +380,7 @@ def test_a_daemon_killed_mid_download_resumes_when_restarted(
     broker_log.wait_for(INFORM, timeout=20)
     broker_log.publish(
         UPGRADE,
-        push(
-            files,
-            fault_proxy.url,
-            "a5b5c5",
-            {"boot.img": "a5", "rootfs.img": "b5", "app.conf": "c5"},
-        ),
+        numbered(files, fault_proxy.url, 5),
     )
     wait_step(broker_log, 40, timeout=30)
     daemon.proc.kill()  # a hung daemon killed by systemd's watchdog, say
@@ -418,17 +410,13 @@ def test_a_newer_task_replaces_one_still_downloading(
     broker_log.wait_for(INFORM, timeout=20)
     broker_log.publish(
         UPGRADE,
-        push(
-            old, fault_proxy.url, "a6b6c6", {"boot.img": "a6", "rootfs.img": "b6", "app.conf": "c6"}
-        ),
+        numbered(old, fault_proxy.url, 6),
     )
     wait_step(broker_log, 5, timeout=30)
 
     broker_log.publish(
         UPGRADE,
-        push(
-            new, fault_proxy.url, "a7b7c7", {"boot.img": "a7", "rootfs.img": "b7", "app.conf": "c7"}
-        ),
+        numbered(new, fault_proxy.url, 7),
     )
 
     wait_step(broker_log, 100, timeout=60)
@@ -450,9 +438,7 @@ def test_a_failure_recorded_at_boot_is_reported_once_by_the_daemon(
     (trusted_dir / "20-app").write_text("#!/bin/sh\necho the app does not answer >&2\nexit 1\n")
     (trusted_dir / "20-app").chmod(0o755)
     files = package(docroot, "v8")
-    task = device.task_file(
-        push(files, nginx.url, "a8b8c8", {"boot.img": "a8", "rootfs.img": "b8", "app.conf": "c8"})
-    )
+    task = device.task_file(numbered(files, nginx.url, 8))
     assert device.run("install", str(task)).returncode == 0
     assert harness.boot() == "B"
     assert device.run("health-check").returncode == 1
@@ -523,7 +509,7 @@ def test_a_failure_after_100_percent_is_reported_at_once_and_only_once(
 
     broker_log.publish(
         UPGRADE,
-        push(files, nginx.url, "a9b9c9", {"boot.img": "a9", "rootfs.img": "b9", "app.conf": "c9"}),
+        numbered(files, nginx.url, 9),
     )
 
     failure = wait_step(broker_log, -4, timeout=30)
