@@ -57,6 +57,23 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("mark-good", help="keep the booted slot (commit it)")
     sub.add_parser("mark-bad", help="drop the booted slot or the pending update (roll back)")
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair to sign packages with")
+    keygen.add_argument("--out", required=True, type=Path, help="directory for NAME.key/.pub")
+    keygen.add_argument("--name", default="signing", help="file name of the pair (signing)")
+    bundle = sub.add_parser("bundle", help="build a signed package: files, manifest, task")
+    bundle.add_argument("--key", required=True, type=Path, help="the private key (keygen's .key)")
+    bundle.add_argument("--out", required=True, type=Path, help="directory to write the package")
+    bundle.add_argument(
+        "--version", required=True, dest="package_version", help="the package version"
+    )
+    bundle.add_argument(
+        "--board", required=True, action="append", help="a board model it is for (repeatable)"
+    )
+    bundle.add_argument("--base-url", required=True, help="https:// URL the files are served at")
+    bundle.add_argument(
+        "--sign-method", default="SHA256", help="the task's per-file digest: SHA256 or MD5"
+    )
+    bundle.add_argument("files", nargs="+", metavar="FILE=TARGET=VERSION", help="payload files")
     return p
 
 
@@ -192,6 +209,33 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return run_daemon(load_config(args.config), args.config)
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Write a signing key pair; print the key id (what a keyring's ``revoked`` file lists)."""
+    from updater.bundle import write_key_pair
+
+    key_path, pub_path, key_id = write_key_pair(args.out, args.name)
+    log.info("wrote %s (keep it secret) and %s (for the devices' keyring)", key_path, pub_path)
+    print(key_id)
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Build a signed package ready to upload, and the task that announces it."""
+    from updater.bundle import build_bundle, parse_file_argument, parse_sign_method, read_key_file
+
+    result = build_bundle(
+        [parse_file_argument(text) for text in args.files],
+        private_pem=read_key_file(args.key),
+        out_dir=args.out,
+        version=args.package_version,
+        boards=args.board,
+        base_url=args.base_url,
+        sign_method=parse_sign_method(args.sign_method),
+    )
+    print(result.describe())
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "install": cmd_install,
     "daemon": cmd_daemon,
@@ -199,6 +243,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "mark-good": cmd_mark_good,
     "mark-bad": cmd_mark_bad,
+    "keygen": cmd_keygen,
+    "bundle": cmd_bundle,
 }
 
 

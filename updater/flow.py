@@ -505,7 +505,7 @@ class Flow:
                 "task_id": r.task_id,
                 "version": r.version,
                 "slot": r.slot,
-                "from_slot": r.slot and r.from_slot,
+                "from_slot": r.from_slot,
                 "reboot_required": r.reboot_required,
                 "reason": r.reason,
             }

@@ -1,0 +1,936 @@
+"""Signed manifests: what the vendor promised, checked before a byte reaches a partition.
+
+The platform's per-file ``sign`` is only a checksum: whoever can publish a task can compute it.
+So a package carries one more small file, ``manifest.json``: a DSSE envelope
+(https://github.com/secure-systems-lab/dsse, protocol v1) whose payload lists every file's name,
+size, SHA-256, version and target, the package version and the compatible board models, signed
+with Ed25519. A device trusts the public keys in a root-owned keyring directory (several, for
+rotation; a ``revoked`` file lists key ids that must never be accepted again).
+
+Order of use on a device (the install engine wires it in): :func:`verify_envelope` (signature,
+then :func:`parse_manifest`), :func:`check_board`, :func:`check_task_against_manifest`; then each
+file is hashed while it streams and compared with its manifest entry. :func:`verify_digestsign`
+checks the platform's own "secure OTA" signature where a product uses it.
+
+Left for later, on purpose: ``check_version_order`` (no downgrade unless the configuration or a
+manifest's ``allow_downgrade`` permits it) needs the versions installed on the device, which
+live in the journal; it belongs with the engine wiring, not here.
+
+Every refusal is a :class:`ManifestError` (a VerificationError: step -3, exit 4) whose message
+says what is wrong; no other exception escapes the parsers, whatever the input.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final, NoReturn
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from updater.errors import VerificationError
+
+# One rule set for "who may have written this": the same as for hook programs.
+from updater.hooks import _ownership_problems
+from updater.task import Task
+
+log = logging.getLogger("updater.manifest")
+
+PAYLOAD_TYPE: Final = "application/vnd.rpi-ab-updater.manifest+json"
+MANIFEST_NAME: Final = "manifest.json"
+"""The manifest's own file name in a task; no file listed in a manifest may have it."""
+SCHEMA: Final = 1
+DEFAULT_MODEL_PATH: Final = Path("/proc/device-tree/model")
+
+MAX_MANIFEST_BYTES: Final = 64 * 1024
+MAX_ENVELOPE_BYTES: Final = 128 * 1024
+MAX_DEPTH: Final = 8
+MAX_FILES: Final = 20
+MAX_FILE_SIZE: Final = 64 << 30
+MAX_BOARDS: Final = 32
+MAX_BOARD_CHARS: Final = 128
+MAX_NAME_CHARS: Final = 255
+MAX_VERSION_CHARS: Final = 64
+MAX_TARGET_CHARS: Final = 64
+MAX_CREATED_CHARS: Final = 64
+MAX_SIGNATURES: Final = 16
+MAX_KEYID_CHARS: Final = 256
+MAX_SIG_CHARS: Final = 1024
+MAX_KEY_FILE_BYTES: Final = 16 * 1024
+MAX_REVOKED_BYTES: Final = 64 * 1024
+MAX_KEYS: Final = 64
+MAX_MODEL_BYTES: Final = 4096
+KEY_ID_CHARS: Final = 16
+MIN_RSA_BITS: Final = 2048
+
+_MANIFEST_KEYS: Final = ("schema", "version", "boards", "files", "created", "allow_downgrade")
+_FILE_KEYS: Final = ("name", "size", "sha256", "version", "target")
+_ENVELOPE_KEYS: Final = ("payloadType", "payload", "signatures")
+_VERSION_RE: Final = re.compile(r"[\x21-\x7e]+")
+_SHA256_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
+_HEX_RE: Final = re.compile(r"[0-9a-fA-F]+")
+_KEY_ID_RE: Final = re.compile(r"[0-9a-f]{16}")
+_TARGET_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_BASE64_RE: Final = re.compile(
+    r"(?:[A-Za-z0-9+/_-]{4})*+(?:[A-Za-z0-9+/_-]{2}==|[A-Za-z0-9+/_-]{3}=)?"
+)
+# As in updater.task: outside strings only brackets and quotes matter for nesting.
+_STRUCTURAL_RE: Final = re.compile(r'[\[\]{}"]')
+_STRING_REST_RE: Final = re.compile(r'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_MAX_SYMLINKS: Final = 40
+
+
+class ManifestError(VerificationError):
+    """The manifest, its envelope, a key or the keyring is unusable, or the package does not
+    match what the manifest promises. Raised before anything is written (step -3, exit 4)."""
+
+
+# --- values --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestFile:
+    """One file of a package; ``name`` is only ever matched, never used as a path."""
+
+    name: str
+    size: int
+    sha256: str  # lowercase hex
+    version: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A parsed, validated manifest body (what the vendor signed)."""
+
+    version: str
+    boards: tuple[str, ...]
+    files: tuple[ManifestFile, ...]
+    created: datetime  # timezone-aware
+    allow_downgrade: bool = False
+    schema: int = SCHEMA
+
+    def versions_by_target(self) -> dict[str, str]:
+        """target name -> the version this package installs there.
+
+        Whether the package version is the concatenation of these is checked where the
+        configured target order is known (plan time), not here.
+        """
+        return {f.target: f.version for f in self.files}
+
+    def file(self, name: str) -> ManifestFile | None:
+        """The entry for a file name, or None when the manifest does not list it."""
+        return next((f for f in self.files if f.name == name), None)
+
+
+def manifest_to_json(manifest: Manifest) -> bytes:
+    """The manifest body as :func:`parse_manifest` reads it back (for the bundle tool)."""
+    body = {
+        "schema": manifest.schema,
+        "version": manifest.version,
+        "boards": list(manifest.boards),
+        "files": [
+            {
+                "name": f.name,
+                "size": f.size,
+                "sha256": f.sha256,
+                "version": f.version,
+                "target": f.target,
+            }
+            for f in manifest.files
+        ],
+        "created": manifest.created.isoformat(),
+        "allow_downgrade": manifest.allow_downgrade,
+    }
+    return (json.dumps(body, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# --- strict JSON ---------------------------------------------------------------------------------
+
+
+def _load_json(data: object, limit: int, what: str) -> object:
+    """Decode bounded, strict JSON: size and depth before parsing, no NaN, no duplicate keys."""
+    if not isinstance(data, bytes | bytearray):
+        raise ManifestError(f"{what} must be bytes, not {type(data).__name__}")
+    if len(data) > limit:
+        raise ManifestError(f"{what} is {len(data)} bytes, more than {limit}")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{what} is not UTF-8: {err}") from err
+    _check_depth(text, what)
+    try:
+        return json.loads(
+            text,
+            parse_constant=lambda name: _refuse(f"{what}: {name} is not a JSON value"),
+            parse_float=lambda literal: _finite(literal, what),
+            object_pairs_hook=lambda pairs: _unique_keys(pairs, what),
+        )
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, a 5000-digit integer
+        raise ManifestError(f"{what} is not valid JSON: {err}") from err
+
+
+def _check_depth(text: str, what: str) -> None:
+    """Refuse deep nesting before json builds objects (a scan without recursion)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
+    depth = 0
+    pos = 0
+    while (match := _STRUCTURAL_RE.search(text, pos)) is not None:
+        pos = match.end()
+        char = match.group()
+        if char == '"':
+            rest = _STRING_REST_RE.match(text, pos)
+            if rest is None:
+                return  # unterminated: the decoder reports it
+            pos = rest.end()
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ManifestError(f"{what}: JSON nesting is deeper than {MAX_DEPTH}")
+        else:
+            depth -= 1
+
+
+def _refuse(message: str) -> NoReturn:
+    raise ManifestError(message)
+
+
+def _finite(literal: str, what: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ManifestError(f"{what}: number {literal[:20]!r} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]], what: str) -> dict[str, object]:
+    """Duplicate keys are ambiguous (parsers disagree on which wins): refuse them."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        keys = [key for key, _ in pairs]
+        dup = next(key for key in keys if keys.count(key) > 1)
+        raise ManifestError(f"{what}: duplicate key {_preview(dup)}")
+    return result
+
+
+# --- the manifest body ---------------------------------------------------------------------------
+
+
+def parse_manifest(body: bytes) -> Manifest:
+    """Validate a manifest body strictly; raise :class:`ManifestError` and nothing else."""
+    try:
+        return _manifest_from(_load_json(body, MAX_MANIFEST_BYTES, "manifest"))
+    except ManifestError:
+        raise
+    except (ValueError, TypeError, RecursionError, OverflowError) as err:  # a safety net
+        raise ManifestError(f"unreadable manifest: {type(err).__name__}: {err}") from err
+
+
+def _bad(where: str, message: str) -> NoReturn:
+    raise ManifestError(f"manifest field {where}: {message}")
+
+
+def _manifest_from(doc: object) -> Manifest:
+    if not isinstance(doc, dict):
+        raise ManifestError(f"manifest must be a JSON object, not {_kind(doc)}")
+    # The schema first: a newer manifest should say so, not "unknown key".
+    schema = _int(_get(doc, "schema", "schema"), "schema")
+    if schema != SCHEMA:
+        _bad("schema", f"unsupported schema {schema} (this updater reads {SCHEMA})")
+    _only_keys(doc, _MANIFEST_KEYS, "manifest")
+    return Manifest(
+        schema=schema,
+        version=_version(_get(doc, "version", "version"), "version"),
+        boards=_boards(_get(doc, "boards", "boards")),
+        files=_files(_get(doc, "files", "files")),
+        created=_created(_get(doc, "created", "created")),
+        allow_downgrade=_bool(_get(doc, "allow_downgrade", "allow_downgrade"), "allow_downgrade"),
+    )
+
+
+def _get(obj: dict[str, object], key: str, where: str) -> object:
+    if key not in obj:
+        _bad(where, "is missing")
+    return obj[key]
+
+
+def _only_keys(obj: dict[str, object], allowed: tuple[str, ...], where: str) -> None:
+    """A signed document has one meaning: unknown keys are refused, not ignored."""
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise ManifestError(f"{where}: unknown key {_preview(unknown[0])}")
+
+
+def _files(value: object) -> tuple[ManifestFile, ...]:
+    if not isinstance(value, list):
+        _bad("files", f"must be an array, not {_kind(value)}")
+    if not 1 <= len(value) <= MAX_FILES:
+        _bad("files", f"must list 1..{MAX_FILES} files, not {len(value)}")
+    files = tuple(_file(item, f"files[{i}]") for i, item in enumerate(value))
+    _unique([f.name for f in files], "name")
+    _unique([f.target for f in files], "target")
+    return files
+
+
+def _file(value: object, where: str) -> ManifestFile:
+    if not isinstance(value, dict):
+        _bad(where, f"must be an object, not {_kind(value)}")
+    _only_keys(value, _FILE_KEYS, f"manifest field {where}")
+    return ManifestFile(
+        name=_name(_get(value, "name", f"{where}.name"), f"{where}.name"),
+        size=_size(_get(value, "size", f"{where}.size"), f"{where}.size"),
+        sha256=_sha256(_get(value, "sha256", f"{where}.sha256"), f"{where}.sha256"),
+        version=_version(_get(value, "version", f"{where}.version"), f"{where}.version"),
+        target=_target(_get(value, "target", f"{where}.target"), f"{where}.target"),
+    )
+
+
+def _unique(values: list[str], what: str) -> None:
+    """Two files with one name (or one target) would make the match ambiguous."""
+    for index, item in enumerate(values):
+        first = values.index(item)
+        if first != index:
+            _bad(f"files[{index}].{what}", f"duplicates files[{first}].{what} {_preview(item)}")
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        _bad(where, f"must be a string, not {_kind(value)}")
+    return value
+
+
+def _int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _bad(where, f"must be an integer, not {_kind(value)}")
+    return value
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        _bad(where, f"must be true or false, not {_kind(value)}")
+    return value
+
+
+def _version(value: object, where: str) -> str:
+    """Versions are concatenated, compared and reported verbatim: plain ASCII only."""
+    text = _string(value, where)
+    if not 1 <= len(text) <= MAX_VERSION_CHARS:
+        _bad(where, f"must be 1..{MAX_VERSION_CHARS} chars, not {len(text)}")
+    if not _VERSION_RE.fullmatch(text):
+        _bad(where, f"{_preview(text)} must be printable ASCII without whitespace")
+    return text
+
+
+def _name(value: object, where: str) -> str:
+    """The same rules as task file names, plus the manifest's own name being reserved."""
+    name = _string(value, where)
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        _bad(where, f"file name must be 1..{MAX_NAME_CHARS} chars, not {len(name)}")
+    if not name.isprintable():
+        _bad(where, f"file name {_preview(name)} has non-printable characters")
+    if "/" in name or "\\" in name:
+        _bad(where, f"file name {_preview(name)} must not contain / or \\")
+    if name in (".", ".."):
+        _bad(where, f"file name {name!r} is not allowed")
+    if name == MANIFEST_NAME:
+        _bad(where, f"{MANIFEST_NAME!r} is the manifest's own name")
+    return name
+
+
+def _size(value: object, where: str) -> int:
+    size = _int(value, where)
+    if not 1 <= size <= MAX_FILE_SIZE:
+        _bad(where, f"must be 1..{MAX_FILE_SIZE} bytes, not {_preview(size)}")
+    return size
+
+
+def _sha256(value: object, where: str) -> str:
+    text = _string(value, where)
+    if not _SHA256_RE.fullmatch(text):
+        _bad(where, f"must be 64 hex digits, not {_preview(text)}")
+    return text.lower()
+
+
+def _target(value: object, where: str) -> str:
+    """Target names as the configuration allows them (``[a-z0-9][a-z0-9_-]*``)."""
+    text = _string(value, where)
+    if len(text) > MAX_TARGET_CHARS or not _TARGET_RE.fullmatch(text):
+        _bad(where, f"{_preview(text)} must match [a-z0-9][a-z0-9_-]* (at most 64 chars)")
+    return text
+
+
+def _boards(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        _bad("boards", f"must be an array of board models, not {_kind(value)}")
+    if not 1 <= len(value) <= MAX_BOARDS:
+        _bad("boards", f"must list 1..{MAX_BOARDS} board models, not {len(value)}")
+    return tuple(_board(item, f"boards[{i}]") for i, item in enumerate(value))
+
+
+def _board(value: object, where: str) -> str:
+    text = _string(value, where)
+    if not 1 <= len(text) <= MAX_BOARD_CHARS or not text.isprintable():
+        _bad(where, f"must be 1..{MAX_BOARD_CHARS} printable characters")
+    return text
+
+
+def _created(value: object) -> datetime:
+    """When the package was signed, with its time zone (a zoneless time is ambiguous)."""
+    text = _string(value, "created")
+    try:
+        if len(text) > MAX_CREATED_CHARS:
+            raise ValueError(f"{len(text)} chars")
+        created = datetime.fromisoformat(text)
+    except ValueError:
+        _bad("created", f"{_preview(text)} is not an ISO 8601 time")
+    if created.utcoffset() is None:
+        _bad("created", f"{_preview(text)} has no time zone")
+    return created
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+def generate_key() -> tuple[bytes, bytes]:
+    """A new Ed25519 key pair as (private PKCS#8 PEM, public SubjectPublicKeyInfo PEM)."""
+    private = ed25519.Ed25519PrivateKey.generate()
+    private_pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return private_pem, _public_pem(private.public_key())
+
+
+def _public_pem(key: ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def key_id(key: ed25519.Ed25519PublicKey) -> str:
+    """16 hex chars of the SHA-256 of the raw public key: short, stable, tool-independent."""
+    # public_bytes(Raw, Raw) rather than public_bytes_raw(): the latter needs cryptography 40.
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:KEY_ID_CHARS]
+
+
+def load_private_key(pem: bytes, source: str = "private key") -> ed25519.Ed25519PrivateKey:
+    """An unencrypted Ed25519 private key in PEM; anything else is refused by name."""
+    _check_pem_size(pem, source)
+    try:
+        key = serialization.load_pem_private_key(bytes(pem), password=None)
+    except TypeError as err:  # encrypted, and no password given
+        raise ManifestError(f"{source}: encrypted private keys are not supported") from err
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise ManifestError(f"{source}: not a PEM private key") from err
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ManifestError(f"{source}: an {_key_kind(key)} key, not an Ed25519 key")
+    return key
+
+
+def load_public_key(pem: bytes, source: str = "public key") -> ed25519.Ed25519PublicKey:
+    """An Ed25519 public key in PEM (SubjectPublicKeyInfo); anything else is refused by name."""
+    _check_pem_size(pem, source)
+    try:
+        key = serialization.load_pem_public_key(bytes(pem))
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ManifestError(f"{source}: not a PEM public key") from err
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise ManifestError(f"{source}: an {_key_kind(key)} key, not an Ed25519 key")
+    return key
+
+
+def public_key_id(public_pem: bytes) -> str:
+    """The key id of a PEM public key (what ``keygen`` prints and ``revoked`` lists)."""
+    return key_id(load_public_key(public_pem))
+
+
+def _check_pem_size(pem: object, source: str) -> None:
+    if not isinstance(pem, bytes | bytearray):
+        raise ManifestError(f"{source}: must be PEM bytes, not {type(pem).__name__}")
+    if len(pem) > MAX_KEY_FILE_BYTES:
+        raise ManifestError(f"{source}: {len(pem)} bytes, more than {MAX_KEY_FILE_BYTES}")
+
+
+def _key_kind(key: object) -> str:
+    """A key's algorithm by name, the same whatever the cryptography version's class names."""
+    kinds: tuple[tuple[type, str], ...] = (
+        (rsa.RSAPublicKey, "RSA"),
+        (rsa.RSAPrivateKey, "RSA"),
+        (ec.EllipticCurvePublicKey, "EC"),
+        (ec.EllipticCurvePrivateKey, "EC"),
+        (ed25519.Ed25519PublicKey, "Ed25519"),
+        (ed25519.Ed25519PrivateKey, "Ed25519"),
+    )
+    return next((name for kind, name in kinds if isinstance(key, kind)), type(key).__name__)
+
+
+# --- the keyring ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Keyring:
+    """Trusted public keys by key id, and the ids that must never be accepted again.
+
+    ``revoked_keys`` holds the public keys still on file whose ids are revoked: a signature
+    they verify is refused whatever key id it claims (key ids are unauthenticated hints).
+    """
+
+    trusted: Mapping[str, ed25519.Ed25519PublicKey]
+    revoked: frozenset[str]
+    revoked_keys: Mapping[str, ed25519.Ed25519PublicKey]
+    source: str = "keyring"
+
+    @classmethod
+    def from_public_keys(
+        cls, pems: Iterable[bytes], revoked: Iterable[str] = (), source: str = "keyring"
+    ) -> Keyring:
+        """A keyring from PEM public keys; an empty result (nothing left trusted) is refused."""
+        return cls._build([(f"{source}: public key", pem) for pem in pems], revoked, source)
+
+    @classmethod
+    def load(cls, directory: Path) -> Keyring:
+        """Every ``*.pub`` in ``directory`` and its ``revoked`` file (ids, one a line, # comments).
+
+        The directory, every directory above it and every file read must be owned by root and
+        writable by no one else (the rules of hook programs): whoever can write a key there
+        decides what the device installs.
+        """
+        source = f"keyring {directory}"
+        real = _trusted_directory(str(directory), source)
+        try:
+            names = sorted(entry.name for entry in Path(real).iterdir())
+        except OSError as err:
+            raise ManifestError(f"{source}: cannot list: {err.strerror or err}") from err
+        pub_names = [name for name in names if name.endswith(".pub")]
+        if len(pub_names) > MAX_KEYS:
+            raise ManifestError(f"{source}: {len(pub_names)} keys, more than {MAX_KEYS}")
+        pems = [
+            (f"{source}: {name}", _read_trusted_file(f"{real}/{name}", MAX_KEY_FILE_BYTES, source))
+            for name in pub_names
+        ]
+        revoked: list[str] = []
+        if "revoked" in names:
+            text = _read_trusted_file(f"{real}/revoked", MAX_REVOKED_BYTES, source)
+            revoked = _parse_revoked(text, f"{source}: revoked")
+        return cls._build(pems, revoked, source)
+
+    @classmethod
+    def _build(cls, pems: list[tuple[str, bytes]], revoked: Iterable[str], source: str) -> Keyring:
+        revoked_ids = frozenset(kid.lower() for kid in revoked)
+        keys = {}
+        for where, pem in pems:
+            key = load_public_key(pem, where)
+            keys[key_id(key)] = key  # the same key twice is harmless
+        if not keys:
+            raise ManifestError(f"{source} holds no public keys (*.pub)")
+        trusted = {kid: key for kid, key in keys.items() if kid not in revoked_ids}
+        if not trusted:
+            raise ManifestError(f"{source}: every key is revoked ({', '.join(sorted(keys))})")
+        return cls(
+            trusted=MappingProxyType(trusted),
+            revoked=revoked_ids,
+            revoked_keys=MappingProxyType(
+                {kid: key for kid, key in keys.items() if kid in revoked_ids}
+            ),
+            source=source,
+        )
+
+
+def _parse_revoked(data: bytes, where: str) -> list[str]:
+    """Key ids, one a line; ``#`` starts a comment. A typo must not leave a key trusted."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{where}: not UTF-8") from err
+    ids = []
+    for number, line in enumerate(text.splitlines(), 1):
+        word = line.split("#", 1)[0].strip()
+        if not word:
+            continue
+        if not _KEY_ID_RE.fullmatch(word.lower()):
+            raise ManifestError(
+                f"{where} line {number}: {_preview(word)} is not a key id "
+                f"({KEY_ID_CHARS} hex digits)"
+            )
+        ids.append(word.lower())
+    return ids
+
+
+def _trusted_directory(path: str, source: str) -> str:
+    """Resolve ``path`` component by component (as hooks.check_trusted does for programs),
+    checking every directory on the way and every symbolic link followed; return it resolved."""
+
+    def refuse(why: str) -> NoReturn:
+        raise ManifestError(f"{source} refused: {why}")
+
+    def lstat(p: str) -> os.stat_result:
+        try:
+            return os.lstat(p)
+        except OSError as err:
+            refuse(f"{p}: {err.strerror or err}")
+
+    def check_directory(p: str, st: os.stat_result) -> None:
+        if not stat.S_ISDIR(st.st_mode):
+            refuse(f"{p} is not a directory")
+        problems = _ownership_problems(p, st, directory=True)
+        if problems:
+            refuse("; ".join(problems))
+
+    if "\0" in path:
+        refuse("the path contains a NUL byte")
+    if not path.startswith("/"):
+        path = f"{Path.cwd()}/{path}"
+    check_directory("/", lstat("/"))
+    current = "/"
+    pending = [c for c in path.split("/") if c not in ("", ".")]
+    links = 0
+    while pending:
+        name = pending.pop(0)
+        if name == "..":
+            current = current.rsplit("/", 1)[0] or "/"
+            continue
+        candidate = f"{current.rstrip('/')}/{name}"
+        st = lstat(candidate)
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                refuse(f"too many levels of symbolic links at {candidate}")
+            if st.st_uid != 0:
+                refuse(f"{candidate} (a symbolic link) is owned by uid {st.st_uid}, not root")
+            link = str(Path(candidate).readlink())
+            if link.startswith("/"):
+                current = "/"
+            pending[:0] = [c for c in link.split("/") if c not in ("", ".")]
+            continue
+        check_directory(candidate, st)
+        current = candidate
+    return current
+
+
+def _read_trusted_file(path: str, limit: int, source: str) -> bytes:
+    """Read a regular, root-owned file not writable by others; symbolic links are refused.
+
+    Checked on the open descriptor (fstat), so what is checked is what is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        why = "a symbolic link" if err.errno == errno.ELOOP else (err.strerror or str(err))
+        raise ManifestError(f"{source} refused: {path}: {why}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"{source} refused: {path} is not a regular file")
+        problems = _ownership_problems(path, st, directory=False)
+        if problems:
+            raise ManifestError(f"{source} refused: {'; '.join(problems)}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as err:
+        raise ManifestError(f"{source}: cannot read {path}: {err.strerror or err}") from err
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ManifestError(f"{source} refused: {path} is larger than {limit} bytes")
+    return data
+
+
+# --- the DSSE envelope ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Signature:
+    keyid: str  # "" when the envelope gives none
+    sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    payload_type: str
+    payload: bytes
+    signatures: tuple[_Signature, ...]
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding: what is signed, type and body both bound in."""
+    kind = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
+
+
+def sign_manifest(manifest_body: bytes, private_pem: bytes) -> bytes:
+    """The DSSE envelope (JSON) of a manifest body; a body the device would refuse is refused."""
+    parse_manifest(manifest_body)
+    key = load_private_key(private_pem)
+    signature = key.sign(pae(PAYLOAD_TYPE, manifest_body))
+    envelope = {
+        "payloadType": PAYLOAD_TYPE,
+        "payload": base64.b64encode(manifest_body).decode("ascii"),
+        "signatures": [
+            {"keyid": key_id(key.public_key()), "sig": base64.b64encode(signature).decode("ascii")}
+        ],
+    }
+    return (json.dumps(envelope, indent=1) + "\n").encode("ascii")
+
+
+def verify_envelope(envelope: bytes, keyring: Keyring) -> Manifest:
+    """Check a DSSE envelope against the keyring, then parse the manifest it carries.
+
+    At least one signature by a trusted key must verify. Signatures by unknown keys are
+    ignored (another vendor's or a future key); one by a revoked key, named by its key id or
+    verified by a revoked public key still on file, refuses the envelope outright.
+    """
+    try:
+        parsed = _envelope_from(_load_json(envelope, MAX_ENVELOPE_BYTES, "manifest envelope"))
+    except ManifestError:
+        raise
+    except (ValueError, TypeError, RecursionError, OverflowError) as err:  # a safety net
+        raise ManifestError(f"unreadable manifest envelope: {type(err).__name__}: {err}") from err
+    signer = _check_signatures(parsed, keyring)
+    manifest = parse_manifest(parsed.payload)
+    log.info("manifest of version %s signed by key %s", manifest.version, signer)
+    return manifest
+
+
+def _envelope_from(doc: object) -> _Envelope:
+    where = "manifest envelope"
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{where} must be a JSON object, not {_kind(doc)}")
+    _only_keys(doc, _ENVELOPE_KEYS, where)
+    for key in _ENVELOPE_KEYS:
+        if key not in doc:
+            raise ManifestError(f"{where}: {key} is missing")
+    payload_type = doc["payloadType"]
+    if payload_type != PAYLOAD_TYPE:
+        raise ManifestError(f"{where}: payloadType {_preview(payload_type)} is not {PAYLOAD_TYPE}")
+    payload = _b64(doc["payload"], f"{where}: payload", (MAX_MANIFEST_BYTES + 2) // 3 * 4)
+    return _Envelope(PAYLOAD_TYPE, payload, _signatures(doc["signatures"], where))
+
+
+def _signatures(value: object, where: str) -> tuple[_Signature, ...]:
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}: signatures must be an array, not {_kind(value)}")
+    if not 1 <= len(value) <= MAX_SIGNATURES:
+        raise ManifestError(f"{where}: needs 1..{MAX_SIGNATURES} signatures, not {len(value)}")
+    return tuple(_signature(item, f"{where}: signatures[{i}]") for i, item in enumerate(value))
+
+
+def _signature(value: object, where: str) -> _Signature:
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where} must be an object, not {_kind(value)}")
+    _only_keys(value, ("keyid", "sig"), where)
+    keyid = value.get("keyid", "")  # optional in DSSE: an unauthenticated hint
+    if not isinstance(keyid, str) or len(keyid) > MAX_KEYID_CHARS or not keyid.isprintable():
+        raise ManifestError(f"{where}.keyid must be a short printable string")
+    if "sig" not in value:
+        raise ManifestError(f"{where}.sig is missing")
+    return _Signature(keyid, _b64(value["sig"], f"{where}.sig", MAX_SIG_CHARS))
+
+
+def _b64(value: object, where: str, max_chars: int) -> bytes:
+    """Padded base64, standard or URL-safe alphabet (DSSE allows either)."""
+    if not isinstance(value, str):
+        raise ManifestError(f"{where} must be a base64 string, not {_kind(value)}")
+    if len(value) > max_chars:
+        raise ManifestError(f"{where} is {len(value)} chars, more than {max_chars}")
+    if not _BASE64_RE.fullmatch(value):
+        raise ManifestError(f"{where} is not base64")
+    return base64.b64decode(value.translate(str.maketrans("-_", "+/")), validate=True)
+
+
+def _check_signatures(envelope: _Envelope, keyring: Keyring) -> str:
+    """The id of a trusted key whose signature verifies; refuse revoked and unsigned envelopes."""
+    message = pae(envelope.payload_type, envelope.payload)
+    good: list[str] = []
+    bad: list[str] = []
+    unknown: list[str] = []
+    for signature in envelope.signatures:
+        _refuse_revoked(signature, message, keyring)
+        candidates = [signature.keyid] if signature.keyid else list(keyring.trusted)
+        for kid in candidates:
+            key = keyring.trusted.get(kid)
+            if key is None:
+                unknown.append(kid)
+            elif _verifies(key, signature.sig, message):
+                good.append(kid)
+            elif signature.keyid:
+                bad.append(kid)
+    if good:
+        return good[0]
+    if bad:
+        raise ManifestError(
+            f"the signature by key {bad[0]} does not verify: the manifest or its signature was "
+            "altered"
+        )
+    signers = ", ".join(_preview(kid, 20) for kid in unknown) or "keys not named"
+    raise ManifestError(
+        f"no trusted key signed this manifest (signed by {signers}; trusted: "
+        f"{', '.join(sorted(keyring.trusted))})"
+    )
+
+
+def _refuse_revoked(signature: _Signature, message: bytes, keyring: Keyring) -> None:
+    if signature.keyid in keyring.revoked:
+        raise ManifestError(f"signed by key {signature.keyid}, which is revoked")
+    for kid, key in keyring.revoked_keys.items():
+        if _verifies(key, signature.sig, message):
+            raise ManifestError(f"signed by key {kid}, which is revoked")
+
+
+def _verifies(key: ed25519.Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
+    try:
+        key.verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+# --- the package against the manifest ------------------------------------------------------------
+
+
+def check_task_against_manifest(task: Task, manifest: Manifest) -> None:
+    """The task must describe exactly the files the manifest lists, at its version.
+
+    Every task file must be listed with the same size (and, for SHA-256 tasks, the same
+    digest), and every listed file must be in the task. The task's entry for the manifest
+    itself (named :data:`MANIFEST_NAME`, which no listed file may have) is skipped: it was
+    fetched and verified first.
+    """
+    if task.version != manifest.version:
+        raise ManifestError(
+            f"the task is version {task.version!r} but the manifest says {manifest.version!r}"
+        )
+    for spec in task.files:
+        if spec.name == MANIFEST_NAME:
+            continue
+        entry = manifest.file(spec.name)
+        if entry is None:
+            raise _file_error(spec.name, "is not listed in the manifest")
+        if spec.size != entry.size:
+            raise _file_error(spec.name, f"size {spec.size} != {entry.size} in the manifest")
+        if task.digest_method == "sha256" and spec.digest != entry.sha256:
+            raise _file_error(spec.name, f"SHA-256 {spec.digest} != {entry.sha256} in the manifest")
+    names = {spec.name for spec in task.files}
+    for entry in manifest.files:
+        if entry.name not in names:
+            raise _file_error(entry.name, "is listed in the manifest but missing from the task")
+
+
+def _file_error(name: str, message: str) -> ManifestError:
+    return ManifestError(f"file {name}: {message}", file_name=name)
+
+
+def check_board(manifest: Manifest, model_path: Path = DEFAULT_MODEL_PATH) -> None:
+    """The board (the device tree's NUL-terminated model string) must be one the manifest lists.
+
+    A listed board matches the model exactly, or the model with its revision suffix
+    (``Raspberry Pi 4 Model B`` matches ``Raspberry Pi 4 Model B Rev 1.4``): vendors list board
+    models, and revisions of one model run the same software.
+    """
+    model = read_model(model_path)
+    if not any(_board_matches(board, model) for board in manifest.boards):
+        raise ManifestError(
+            f"this board ({model}) is not one the package is for: {', '.join(manifest.boards)}"
+        )
+
+
+def read_model(model_path: Path = DEFAULT_MODEL_PATH) -> str:
+    """The board model from the device tree (or a stand-in file), without its NUL."""
+    try:
+        with model_path.open("rb") as f:
+            raw = f.read(MAX_MODEL_BYTES + 1)
+    except OSError as err:
+        raise ManifestError(
+            f"cannot read the board model from {model_path}: {err.strerror or err}"
+        ) from err
+    raw = raw.split(b"\0", 1)[0]
+    try:
+        model = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"the board model in {model_path} is not UTF-8") from err
+    if not model or len(raw) > MAX_MODEL_BYTES:
+        raise ManifestError(f"{model_path} holds no usable board model")
+    return model
+
+
+def _board_matches(board: str, model: str) -> bool:
+    return model == board or model.startswith(f"{board} Rev ")
+
+
+# --- the platform's "secure OTA" -----------------------------------------------------------------
+
+
+def verify_digestsign(digest_hex: str, digestsign_b64: str, public_key_pem: bytes) -> None:
+    """Check the platform's ``digestsign``: RSA PKCS#1 v1.5, SHA-256, over the raw digest bytes.
+
+    ``digest_hex`` is the task's ``sign`` (MD5 or SHA-256 hex); the key is the product's RSA
+    public key from the configuration (PEM). Raises :class:`ManifestError` unless it verifies.
+    """
+    if not isinstance(digest_hex, str) or len(digest_hex) not in (32, 64):
+        raise ManifestError("digestsign: the digest must be 32 or 64 hex digits")
+    if not _HEX_RE.fullmatch(digest_hex):
+        raise ManifestError("digestsign: the digest is not hexadecimal")
+    signature = _b64(digestsign_b64, "digestsign", MAX_SIG_CHARS)
+    key = _load_rsa_public_key(public_key_pem)
+    try:
+        key.verify(signature, bytes.fromhex(digest_hex), padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        raise ManifestError(
+            "digestsign does not verify with the product's public key: the digest or its "
+            "signature was altered, or the key is not this product's"
+        ) from None
+
+
+def _load_rsa_public_key(pem: bytes) -> rsa.RSAPublicKey:
+    source = "the product's public key"
+    _check_pem_size(pem, source)
+    try:
+        key = serialization.load_pem_public_key(bytes(pem))
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ManifestError(f"{source}: not a PEM public key") from err
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ManifestError(f"{source}: an {_key_kind(key)} key, not an RSA key")
+    if key.key_size < MIN_RSA_BITS:
+        raise ManifestError(f"{source}: RSA-{key.key_size} is too weak (at least {MIN_RSA_BITS})")
+    return key
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+def _kind(value: object) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    for kind, name in (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "number"),
+        (str, "string"),
+        (list, "array"),
+        (dict, "object"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _preview(value: object, limit: int = 40) -> str:
+    """A short repr: messages echo hostile input, so never at full length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
