@@ -217,8 +217,15 @@ def build_device(
 
 @contextlib.contextmanager
 def mounted_ext4(device: Path, mountpoint: Path) -> Iterator[Path]:
-    """Make an ext4 filesystem on ``device`` and mount it; always unmounted afterwards."""
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(device)], check=True)
+    """Make an ext4 filesystem on ``device`` and mount it; always unmounted afterwards.
+
+    Without lazy initialisation: the kernel would otherwise keep writing inode tables in the
+    background, and a test comparing the device's bytes would see writes that are not ours.
+    """
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(device)],
+        check=True,
+    )
     mountpoint.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", str(device), str(mountpoint)], check=True)
     try:
