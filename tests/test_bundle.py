@@ -19,6 +19,7 @@ from typing import Final
 
 import pytest
 
+from tests.harness import require
 from updater.bundle import (
     BundleError,
     PayloadFile,
@@ -166,10 +167,10 @@ def test_bundle_with_md5(tmp_path: Path, sources: Path, keys: Path) -> None:
     check_task_against_manifest(task, verify_envelope((out / MANIFEST_NAME).read_bytes(), keyring))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a root-owned keyring needs root")
 def test_bundle_verifies_with_a_keyring_directory(
     tmp_path: Path, sources: Path, keys: Path
 ) -> None:
+    require(os.geteuid() == 0, "a root-owned keyring needs root")
     out = tmp_path / "package"
     assert main(bundle_args(keys, out, "--version", "a1b1c1", *file_args(sources))) == 0
     directory = Path(tempfile.mkdtemp(dir="/run", prefix="keyring-test-"))

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.harness import require
 from updater.errors import VerificationError
 from updater.manifest import (
     MANIFEST_NAME,
@@ -66,7 +67,13 @@ PI4: Final = "Raspberry Pi 4 Model B"
 PROPERTY_SETTINGS: Final = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
+needs_root = pytest.mark.usefixtures("as_root")
+
+
+@pytest.fixture
+def as_root() -> None:
+    """Ownership checks need root; under CI=true its absence fails the test (require)."""
+    require(os.geteuid() == 0, "ownership checks need root")
 
 
 # --- builders ------------------------------------------------------------------------------------

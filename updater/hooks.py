@@ -103,6 +103,31 @@ def _resolve_trusted(path: str, *, file_name: str | None = None, target: str | N
 
     if not path.startswith("/"):
         refuse("not an absolute path")
+    program, st = resolve_trusted_path(path, refuse)
+    if not stat.S_ISREG(st.st_mode):
+        refuse(f"{program} is not a regular file")
+    problems = _ownership_problems(program, st, directory=False)
+    if problems:
+        refuse("; ".join(problems))
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o111:
+        refuse(f"{program} is not executable (mode {mode:04o})")
+    if not os.access(program, os.X_OK):
+        refuse(f"{program} cannot be executed (a noexec mount?)")
+    return program
+
+
+def resolve_trusted_path(
+    path: str, refuse: Callable[[str], NoReturn]
+) -> tuple[str, os.stat_result]:
+    """Resolve the absolute ``path`` component by component with ``lstat`` and return the final
+    component's resolved path and ``lstat``, for the caller to judge (a program, a keyring).
+
+    Symbolic links are followed (at most 40) and must be owned by root; every directory passed
+    through, from ``/`` on and including those links lead through, must be owned by root and
+    writable neither by its group nor by others, nor sticky (a shared directory like ``/tmp``).
+    Anything wrong goes to ``refuse`` with a sentence saying exactly what.
+    """
     if "\0" in path:
         refuse("the path contains a NUL byte")
 
@@ -114,12 +139,14 @@ def _resolve_trusted(path: str, *, file_name: str | None = None, target: str | N
         except OSError as err:
             refuse(f"{p}: {err.strerror or err}")
 
-    def check(p: str, st: os.stat_result, *, directory: bool) -> None:
-        problems = _ownership_problems(p, st, directory=directory)
+    def check_directory(p: str, st: os.stat_result) -> None:
+        if not stat.S_ISDIR(st.st_mode):
+            refuse(f"{p} is not a directory")
+        problems = _ownership_problems(p, st, directory=True)
         if problems:
             refuse("; ".join(problems))
 
-    check("/", lstat("/"), directory=True)
+    check_directory("/", lstat("/"))
     current = "/"
     pending = [c for c in path.split("/") if c not in ("", ".")]
     links = 0
@@ -141,22 +168,11 @@ def _resolve_trusted(path: str, *, file_name: str | None = None, target: str | N
                 current = "/"
             pending[:0] = [c for c in link.split("/") if c not in ("", ".")]
             continue
-        if pending:
-            if not stat.S_ISDIR(st.st_mode):
-                refuse(f"{candidate} is not a directory")
-            check(candidate, st, directory=True)
-            current = candidate
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            refuse(f"{candidate} is not a regular file")
-        check(candidate, st, directory=False)
-        mode = stat.S_IMODE(st.st_mode)
-        if not mode & 0o111:
-            refuse(f"{candidate} is not executable (mode {mode:04o})")
-        if not os.access(candidate, os.X_OK):
-            refuse(f"{candidate} cannot be executed (a noexec mount?)")
-        return candidate
-    refuse(f"{current} is not a regular file")
+        if not pending:
+            return candidate, st
+        check_directory(candidate, st)
+        current = candidate
+    return current, lstat(current)
 
 
 def _ownership_problems(p: str, st: os.stat_result, *, directory: bool) -> list[str]:

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from updater.errors import VerificationError
 
 # One rule set for "who may have written this": the same as for hook programs.
-from updater.hooks import _ownership_problems
+from updater.hooks import _ownership_problems, resolve_trusted_path
 from updater.task import Task
 
 log = logging.getLogger("updater.manifest")
@@ -91,7 +91,6 @@ _BASE64_RE: Final = re.compile(
 # As in updater.task: outside strings only brackets and quotes matter for nesting.
 _STRUCTURAL_RE: Final = re.compile(r'[\[\]{}"]')
 _STRING_REST_RE: Final = re.compile(r'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
-_MAX_SYMLINKS: Final = 40
 
 
 class ManifestError(VerificationError):
@@ -573,54 +572,23 @@ def _parse_revoked(data: bytes, where: str) -> list[str]:
 
 
 def _trusted_directory(path: str, source: str) -> str:
-    """Resolve ``path`` component by component (as hooks.check_trusted does for programs),
-    checking every directory on the way and every symbolic link followed; return it resolved."""
+    """Resolve ``path`` as hooks.check_trusted does for programs (every directory on the way and
+    every symbolic link followed checked); the keyring itself must be such a directory too."""
 
     def refuse(why: str) -> NoReturn:
         raise ManifestError(f"{source} refused: {why}")
 
-    def lstat(p: str) -> os.stat_result:
-        try:
-            return os.lstat(p)
-        except OSError as err:
-            refuse(f"{p}: {err.strerror or err}")
-
-    def check_directory(p: str, st: os.stat_result) -> None:
-        if not stat.S_ISDIR(st.st_mode):
-            refuse(f"{p} is not a directory")
-        problems = _ownership_problems(p, st, directory=True)
-        if problems:
-            refuse("; ".join(problems))
-
-    if "\0" in path:
-        refuse("the path contains a NUL byte")
     if not path.startswith("/"):
         path = f"{Path.cwd()}/{path}"
-    check_directory("/", lstat("/"))
-    current = "/"
-    pending = [c for c in path.split("/") if c not in ("", ".")]
-    links = 0
-    while pending:
-        name = pending.pop(0)
-        if name == "..":
-            current = current.rsplit("/", 1)[0] or "/"
-            continue
-        candidate = f"{current.rstrip('/')}/{name}"
-        st = lstat(candidate)
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > _MAX_SYMLINKS:
-                refuse(f"too many levels of symbolic links at {candidate}")
-            if st.st_uid != 0:
-                refuse(f"{candidate} (a symbolic link) is owned by uid {st.st_uid}, not root")
-            link = str(Path(candidate).readlink())
-            if link.startswith("/"):
-                current = "/"
-            pending[:0] = [c for c in link.split("/") if c not in ("", ".")]
-            continue
-        check_directory(candidate, st)
-        current = candidate
-    return current
+    if not os.path.lexists(path):
+        refuse(f"{path}: No such file or directory")
+    resolved, st = resolve_trusted_path(path, refuse)
+    if not stat.S_ISDIR(st.st_mode):
+        refuse(f"{resolved} is not a directory")
+    problems = _ownership_problems(resolved, st, directory=True)
+    if problems:
+        refuse("; ".join(problems))
+    return resolved
 
 
 def _read_trusted_file(path: str, limit: int, source: str) -> bytes:
