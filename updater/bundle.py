@@ -32,19 +32,14 @@ from urllib.parse import quote, urlsplit
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from updater.errors import InvalidInput, TaskError
+from updater.errors import InvalidInput, ManifestError, TaskError
+from updater.keyring import MAX_KEY_FILE_BYTES, Keyring, generate_key, key_id, load_private_key
 from updater.manifest import (
     MANIFEST_NAME,
     MAX_FILE_SIZE,
-    MAX_KEY_FILE_BYTES,
-    Keyring,
     Manifest,
-    ManifestError,
     ManifestFile,
     check_task_against_manifest,
-    generate_key,
-    key_id,
-    load_private_key,
     manifest_to_json,
     parse_manifest,
     sign_manifest,

@@ -17,6 +17,7 @@ Context is added by chaining (``raise ... from err``), never by parsing messages
     │   ├── TransientDownloadError                  worth another attempt (cut, stall, 5xx)
     │   └── RemoteChangedError                      the file changed on the server mid-transfer
     ├── VerificationError         step -3, exit 4   .file_name (digest or size mismatch)
+    │   └── ManifestError                           unsigned, badly signed, or not what was signed
     ├── WriteError                step -4, exit 5   .file_name, .target (I/O on the target)
     │   └── HookError             .hook             a hook refused, failed or timed out
     └── StateError                step -1, exit 1   the state directory or journal is unusable
@@ -115,6 +116,11 @@ class VerificationError(UpdaterError):
 
     step = -3
     exit_code = 4
+
+
+class ManifestError(VerificationError):
+    """The manifest, its envelope, a key or the keyring is unusable, or the package does not
+    match what the manifest promises. Raised before anything is written (step -3, exit 4)."""
 
 
 class WriteError(UpdaterError):

@@ -23,30 +23,41 @@ says what is wrong; no other exception escapes the parsers, whatever the input.
 from __future__ import annotations
 
 import base64
-import errno
-import hashlib
 import json
 import logging
 import math
-import os
 import re
-import stat
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import MappingProxyType
 from typing import Final, NoReturn
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from updater.errors import VerificationError
-
-# One rule set for "who may have written this": the same as for hook programs.
-from updater.hooks import _ownership_problems, resolve_trusted_path
+from updater.errors import ManifestError
+from updater.keyring import (
+    Keyring,
+    _check_pem_size,
+    _key_kind,
+    generate_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    public_key_id,
+)
 from updater.task import Task
+
+__all__ = [  # the keyring's names are re-exported: callers see one module for signatures
+    "Keyring",
+    "ManifestError",
+    "generate_key",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "public_key_id",
+]
 
 log = logging.getLogger("updater.manifest")
 
@@ -70,11 +81,7 @@ MAX_CREATED_CHARS: Final = 64
 MAX_SIGNATURES: Final = 16
 MAX_KEYID_CHARS: Final = 256
 MAX_SIG_CHARS: Final = 1024
-MAX_KEY_FILE_BYTES: Final = 16 * 1024
-MAX_REVOKED_BYTES: Final = 64 * 1024
-MAX_KEYS: Final = 64
 MAX_MODEL_BYTES: Final = 4096
-KEY_ID_CHARS: Final = 16
 MIN_RSA_BITS: Final = 2048
 
 _MANIFEST_KEYS: Final = ("schema", "version", "boards", "files", "created", "allow_downgrade")
@@ -83,7 +90,6 @@ _ENVELOPE_KEYS: Final = ("payloadType", "payload", "signatures")
 _VERSION_RE: Final = re.compile(r"[\x21-\x7e]+")
 _SHA256_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 _HEX_RE: Final = re.compile(r"[0-9a-fA-F]+")
-_KEY_ID_RE: Final = re.compile(r"[0-9a-f]{16}")
 _TARGET_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _BASE64_RE: Final = re.compile(
     r"(?:[A-Za-z0-9+/_-]{4})*+(?:[A-Za-z0-9+/_-]{2}==|[A-Za-z0-9+/_-]{3}=)?"
@@ -91,11 +97,6 @@ _BASE64_RE: Final = re.compile(
 # As in updater.task: outside strings only brackets and quotes matter for nesting.
 _STRUCTURAL_RE: Final = re.compile(r'[\[\]{}"]')
 _STRING_REST_RE: Final = re.compile(r'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
-
-
-class ManifestError(VerificationError):
-    """The manifest, its envelope, a key or the keyring is unusable, or the package does not
-    match what the manifest promises. Raised before anything is written (step -3, exit 4)."""
 
 
 # --- values --------------------------------------------------------------------------------------
@@ -399,224 +400,6 @@ def _created(value: object) -> datetime:
     if created.utcoffset() is None:
         _bad("created", f"{_preview(text)} has no time zone")
     return created
-
-
-# --- keys ----------------------------------------------------------------------------------------
-
-
-def generate_key() -> tuple[bytes, bytes]:
-    """A new Ed25519 key pair as (private PKCS#8 PEM, public SubjectPublicKeyInfo PEM)."""
-    private = ed25519.Ed25519PrivateKey.generate()
-    private_pem = private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return private_pem, _public_pem(private.public_key())
-
-
-def _public_pem(key: ed25519.Ed25519PublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def key_id(key: ed25519.Ed25519PublicKey) -> str:
-    """16 hex chars of the SHA-256 of the raw public key: short, stable, tool-independent."""
-    # public_bytes(Raw, Raw) rather than public_bytes_raw(): the latter needs cryptography 40.
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:KEY_ID_CHARS]
-
-
-def load_private_key(pem: bytes, source: str = "private key") -> ed25519.Ed25519PrivateKey:
-    """An unencrypted Ed25519 private key in PEM; anything else is refused by name."""
-    _check_pem_size(pem, source)
-    try:
-        key = serialization.load_pem_private_key(bytes(pem), password=None)
-    except TypeError as err:  # encrypted, and no password given
-        raise ManifestError(f"{source}: encrypted private keys are not supported") from err
-    except (ValueError, UnsupportedAlgorithm) as err:
-        raise ManifestError(f"{source}: not a PEM private key") from err
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise ManifestError(f"{source}: an {_key_kind(key)} key, not an Ed25519 key")
-    return key
-
-
-def load_public_key(pem: bytes, source: str = "public key") -> ed25519.Ed25519PublicKey:
-    """An Ed25519 public key in PEM (SubjectPublicKeyInfo); anything else is refused by name."""
-    _check_pem_size(pem, source)
-    try:
-        key = serialization.load_pem_public_key(bytes(pem))
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise ManifestError(f"{source}: not a PEM public key") from err
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise ManifestError(f"{source}: an {_key_kind(key)} key, not an Ed25519 key")
-    return key
-
-
-def public_key_id(public_pem: bytes) -> str:
-    """The key id of a PEM public key (what ``keygen`` prints and ``revoked`` lists)."""
-    return key_id(load_public_key(public_pem))
-
-
-def _check_pem_size(pem: object, source: str) -> None:
-    if not isinstance(pem, bytes | bytearray):
-        raise ManifestError(f"{source}: must be PEM bytes, not {type(pem).__name__}")
-    if len(pem) > MAX_KEY_FILE_BYTES:
-        raise ManifestError(f"{source}: {len(pem)} bytes, more than {MAX_KEY_FILE_BYTES}")
-
-
-def _key_kind(key: object) -> str:
-    """A key's algorithm by name, the same whatever the cryptography version's class names."""
-    kinds: tuple[tuple[type, str], ...] = (
-        (rsa.RSAPublicKey, "RSA"),
-        (rsa.RSAPrivateKey, "RSA"),
-        (ec.EllipticCurvePublicKey, "EC"),
-        (ec.EllipticCurvePrivateKey, "EC"),
-        (ed25519.Ed25519PublicKey, "Ed25519"),
-        (ed25519.Ed25519PrivateKey, "Ed25519"),
-    )
-    return next((name for kind, name in kinds if isinstance(key, kind)), type(key).__name__)
-
-
-# --- the keyring ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Keyring:
-    """Trusted public keys by key id, and the ids that must never be accepted again.
-
-    ``revoked_keys`` holds the public keys still on file whose ids are revoked: a signature
-    they verify is refused whatever key id it claims (key ids are unauthenticated hints).
-    """
-
-    trusted: Mapping[str, ed25519.Ed25519PublicKey]
-    revoked: frozenset[str]
-    revoked_keys: Mapping[str, ed25519.Ed25519PublicKey]
-    source: str = "keyring"
-
-    @classmethod
-    def from_public_keys(
-        cls, pems: Iterable[bytes], revoked: Iterable[str] = (), source: str = "keyring"
-    ) -> Keyring:
-        """A keyring from PEM public keys; an empty result (nothing left trusted) is refused."""
-        return cls._build([(f"{source}: public key", pem) for pem in pems], revoked, source)
-
-    @classmethod
-    def load(cls, directory: Path) -> Keyring:
-        """Every ``*.pub`` in ``directory`` and its ``revoked`` file (ids, one a line, # comments).
-
-        The directory, every directory above it and every file read must be owned by root and
-        writable by no one else (the rules of hook programs): whoever can write a key there
-        decides what the device installs.
-        """
-        source = f"keyring {directory}"
-        real = _trusted_directory(str(directory), source)
-        try:
-            names = sorted(entry.name for entry in Path(real).iterdir())
-        except OSError as err:
-            raise ManifestError(f"{source}: cannot list: {err.strerror or err}") from err
-        pub_names = [name for name in names if name.endswith(".pub")]
-        if len(pub_names) > MAX_KEYS:
-            raise ManifestError(f"{source}: {len(pub_names)} keys, more than {MAX_KEYS}")
-        pems = [
-            (f"{source}: {name}", _read_trusted_file(f"{real}/{name}", MAX_KEY_FILE_BYTES, source))
-            for name in pub_names
-        ]
-        revoked: list[str] = []
-        if "revoked" in names:
-            text = _read_trusted_file(f"{real}/revoked", MAX_REVOKED_BYTES, source)
-            revoked = _parse_revoked(text, f"{source}: revoked")
-        return cls._build(pems, revoked, source)
-
-    @classmethod
-    def _build(cls, pems: list[tuple[str, bytes]], revoked: Iterable[str], source: str) -> Keyring:
-        revoked_ids = frozenset(kid.lower() for kid in revoked)
-        keys = {}
-        for where, pem in pems:
-            key = load_public_key(pem, where)
-            keys[key_id(key)] = key  # the same key twice is harmless
-        if not keys:
-            raise ManifestError(f"{source} holds no public keys (*.pub)")
-        trusted = {kid: key for kid, key in keys.items() if kid not in revoked_ids}
-        if not trusted:
-            raise ManifestError(f"{source}: every key is revoked ({', '.join(sorted(keys))})")
-        return cls(
-            trusted=MappingProxyType(trusted),
-            revoked=revoked_ids,
-            revoked_keys=MappingProxyType(
-                {kid: key for kid, key in keys.items() if kid in revoked_ids}
-            ),
-            source=source,
-        )
-
-
-def _parse_revoked(data: bytes, where: str) -> list[str]:
-    """Key ids, one a line; ``#`` starts a comment. A typo must not leave a key trusted."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ManifestError(f"{where}: not UTF-8") from err
-    ids = []
-    for number, line in enumerate(text.splitlines(), 1):
-        word = line.split("#", 1)[0].strip()
-        if not word:
-            continue
-        if not _KEY_ID_RE.fullmatch(word.lower()):
-            raise ManifestError(
-                f"{where} line {number}: {_preview(word)} is not a key id "
-                f"({KEY_ID_CHARS} hex digits)"
-            )
-        ids.append(word.lower())
-    return ids
-
-
-def _trusted_directory(path: str, source: str) -> str:
-    """Resolve ``path`` as hooks.check_trusted does for programs (every directory on the way and
-    every symbolic link followed checked); the keyring itself must be such a directory too."""
-
-    def refuse(why: str) -> NoReturn:
-        raise ManifestError(f"{source} refused: {why}")
-
-    if not path.startswith("/"):
-        path = f"{Path.cwd()}/{path}"
-    if not os.path.lexists(path):
-        refuse(f"{path}: No such file or directory")
-    resolved, st = resolve_trusted_path(path, refuse)
-    if not stat.S_ISDIR(st.st_mode):
-        refuse(f"{resolved} is not a directory")
-    problems = _ownership_problems(resolved, st, directory=True)
-    if problems:
-        refuse("; ".join(problems))
-    return resolved
-
-
-def _read_trusted_file(path: str, limit: int, source: str) -> bytes:
-    """Read a regular, root-owned file not writable by others; symbolic links are refused.
-
-    Checked on the open descriptor (fstat), so what is checked is what is read.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as err:
-        why = "a symbolic link" if err.errno == errno.ELOOP else (err.strerror or str(err))
-        raise ManifestError(f"{source} refused: {path}: {why}") from err
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(f"{source} refused: {path} is not a regular file")
-        problems = _ownership_problems(path, st, directory=False)
-        if problems:
-            raise ManifestError(f"{source} refused: {'; '.join(problems)}")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as err:
-        raise ManifestError(f"{source}: cannot read {path}: {err.strerror or err}") from err
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ManifestError(f"{source} refused: {path} is larger than {limit} bytes")
-    return data
 
 
 # --- the DSSE envelope ---------------------------------------------------------------------------
