@@ -354,7 +354,8 @@ def test_mark_bad_when_idle_goes_back_to_the_previous_committed_slot(
     device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
 ) -> None:
     health_check(trusted_dir, ok=True)
-    device.write_config(factory_versions={"boot": "a0", "rootfs": "b0", "config": "c0"})
+    factory = {"boot": "a0-boot", "rootfs": "a0-root", "config": "a0-conf"}
+    device.write_config(factory_versions=factory)
 
     refused = device.run("mark-bad")  # slot B has never held a committed image
 
@@ -371,4 +372,4 @@ def test_mark_bad_when_idle_goes_back_to_the_previous_committed_slot(
     assert harness.boot() == "A"
     info = status(device)
     assert info["booted"] == "A" and info["primary"] == "A"
-    assert info["versions"] == {"combined": "a0b0c0", "boot": "a0", "rootfs": "b0", "config": "c0"}
+    assert info["versions"] == {"combined": "a0-boota0-roota0-conf", **factory}

@@ -389,7 +389,6 @@ class Agent:
 
     def _install(self, task: Task) -> None:
         from updater.flow import BusyError, Flow
-        from updater.plan import make_plan
 
         self._set_status(f"installing version {task.version}")
         negative = threading.Event()
@@ -402,7 +401,7 @@ class Agent:
 
         reporter = StepReporter(self.config.mqtt.progress_step, publish=publish)
         try:
-            plan = make_plan(task, self.config)
+            plan = Flow(self.config).prepare(task)  # what can be refused, before the lock
             set_context(task=task.task_id, version=task.version, slot=plan.slot)
             with StateLock(Path(self.config.state_dir)):
                 flow = Flow(self.config, progress_sinks=[reporter], cancel=self.cancel)

@@ -106,25 +106,27 @@ def _flow(config: Config, sinks: Sequence[Callable[[ProgressEvent], None]] = ())
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from updater.plan import make_plan
     from updater.task import parse_task
 
     sinks = _progress_sinks(args.progress)
+    planned = False
     try:
         task = parse_task(_read_task(args.task))
         config = load_config(args.config)
-        plan = make_plan(task, config)
+        plan = _flow(config).prepare(task)  # no lock yet: nothing is written
+        planned = True
+        if args.dry_run:
+            print(plan.describe())
+            return 0
+        set_context(task=task.task_id, version=task.version, slot=plan.slot)
+        with StateLock(Path(config.state_dir)):
+            flow = _flow(config, sinks)
+            record = flow.install(task, plan)
     except UpdaterError as err:
-        # Refused before anything was written; a JSON consumer still gets its "failed" line.
-        Progress(0, sinks).failed(err.step, err.desc, err.file_name)
+        if not planned:
+            # Refused before anything was written; a JSON consumer still gets its "failed" line.
+            Progress(0, sinks).failed(err.step, err.desc, err.file_name)
         raise
-    if args.dry_run:
-        print(plan.describe())
-        return 0
-    set_context(task=task.task_id, version=task.version, slot=plan.slot)
-    with StateLock(Path(config.state_dir)):
-        flow = _flow(config, sinks)
-        record = flow.install(task, plan)
     if flow.error is not None:  # logged by the flow; the exit code says which kind
         return flow.error.exit_code
     if record.state == State.ARMED:

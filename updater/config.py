@@ -125,6 +125,7 @@ class SystemConfig:
     cmdline: str = "/proc/cmdline"
     mountinfo: str = "/proc/self/mountinfo"
     boot_id: str = "/proc/sys/kernel/random/boot_id"  # tells one boot from the next
+    model: str = "/proc/device-tree/model"  # the board model a signed package must list
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +173,19 @@ class HealthConfig:
     max_resumes: int = 3  # a state resumed more often than this rolls back (boot loops)
 
 
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """What a package must prove before a byte of it is written. Every default is the strict
+    one: a device accepts only packages signed by a key in its keyring, for its board, at a
+    version no lower than what it runs."""
+
+    keyring: str = "/etc/rpi-updater/keyring"  # root-owned: *.pub, and a revoked file
+    allow_unsigned: bool = False  # install tasks that carry no signed manifest
+    allow_downgrade: bool = False  # install a target version lower than the installed one
+    digestsign_key: str | None = None  # the product's RSA public key (PEM): digestsign required
+    allowed_hosts: tuple[str, ...] = ()  # download hosts (name, or *.domain); empty: any host
+
+
 MqttLogin = Literal["iot-platform", "plain"]
 
 
@@ -204,6 +218,7 @@ class Config:
     reboot: RebootConfig = field(default_factory=RebootConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     #: Each target's version as the image was built, until an update records another.
     factory_versions: dict[str, str] = field(default_factory=dict)
 
@@ -499,6 +514,7 @@ _TOP_KEYS = (
     "reboot",
     "health",
     "mqtt",
+    "security",
     "factory_versions",
 )
 
@@ -520,6 +536,7 @@ def _parse_top(data: object, path: str) -> Config:
         reboot=_parse_reboot(top.get("reboot")),
         health=_parse_health(top.get("health")),
         mqtt=_parse_mqtt(top.get("mqtt")),
+        security=_parse_security(top.get("security")),
         factory_versions=_optional(top, "", "factory_versions", _factory_versions(targets), {}),
     )
 
@@ -892,7 +909,12 @@ def _parse_hooks(value: object) -> HooksConfig:
 
 def _parse_system(value: object) -> SystemConfig:
     """Where the booted slot is read from; tests and the reboot harness point these at files."""
-    parsers = {"cmdline": _abs_path, "mountinfo": _abs_path, "boot_id": _abs_path}
+    parsers = {
+        "cmdline": _abs_path,
+        "mountinfo": _abs_path,
+        "boot_id": _abs_path,
+        "model": _abs_path,
+    }
     return _parse_section(value, "system", SystemConfig(), parsers)
 
 
@@ -1056,6 +1078,51 @@ def _progress_step(value: object, key: str) -> int:
     if step > 100:
         raise _Invalid(key, f"must be at most 100, not {step}")
     return step
+
+
+# --------------------------------------------------------------------------- security
+
+_HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _parse_security(value: object) -> SecurityConfig:
+    parsers: dict[str, Callable[[object, str], object]] = {
+        "keyring": _abs_path,
+        "allow_unsigned": _bool,
+        "allow_downgrade": _bool,
+        "digestsign_key": _optional_abs_path,
+        "allowed_hosts": _allowed_hosts,
+    }
+    return _parse_section(value, "security", SecurityConfig(), parsers)
+
+
+def _allowed_hosts(value: object, key: str) -> tuple[str, ...]:
+    """Host names (``ota.example.com``) or a leading wildcard (``*.example.com``, any name
+    under the domain, not the domain itself); compared case-insensitively."""
+    if not isinstance(value, list):
+        raise _Invalid(key, f"must be a list of host names, not {_describe(value)}")
+    hosts = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        host = _string(item, where).lower()
+        name = host[2:] if host.startswith("*.") else host
+        labels = name.split(".")
+        if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise _Invalid(where, f"{host!r} is not a host name or *.domain")
+        hosts.append(host)
+    return tuple(hosts)
+
+
+def host_allowed(config: Config, host: str) -> bool:
+    """Whether a download host is one ``security.allowed_hosts`` admits (any, when empty)."""
+    allowed = config.security.allowed_hosts
+    if not allowed:
+        return True
+    host = host.lower().rstrip(".")
+    return any(
+        host.endswith(pattern[1:]) if pattern.startswith("*.") else host == pattern
+        for pattern in allowed
+    )
 
 
 def _factory_versions(

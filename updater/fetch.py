@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urljoin, urlsplit
 
 import pycurl
 
@@ -151,8 +152,10 @@ class Transfer:
         validator: Validator | None = None,
         on_validator: Callable[[Validator], None] = lambda v: None,
         sleep: Callable[[float], None] = time.sleep,
+        host_allowed: Callable[[str], bool] = lambda host: True,
     ) -> None:
         self.url = url
+        self.host_allowed = host_allowed
         self.size = size
         self.settings = settings
         self.file_name = file_name
@@ -308,7 +311,7 @@ class _Attempt:
             message, url=self.t.url, offset=self.receiver.offset, file_name=self.t.file_name
         )
 
-    def header(self, line: bytes) -> None:
+    def header(self, line: bytes) -> int | None:
         text = line.decode("iso-8859-1").strip()
         if text.upper().startswith("HTTP/"):
             parts = text.split(None, 2)
@@ -316,7 +319,20 @@ class _Attempt:
             self.headers = {}  # a new response (after a redirect or a 100)
         elif ":" in text:
             name, value = text.split(":", 1)
-            self.headers[name.strip().lower()] = value.strip()
+            name = name.strip().lower()
+            self.headers[name] = value.strip()
+            if name == "location" and 300 <= self.status < 400:
+                return self._check_redirect(value.strip())
+        return None
+
+    def _check_redirect(self, location: str) -> int | None:
+        """A redirect may only lead to a host ``security.allowed_hosts`` admits (libcurl
+        follows it as soon as the headers end, so it is refused here, before the request)."""
+        host = urlsplit(urljoin(self.t.url, location)).hostname or ""
+        if self.t.host_allowed(host):
+            return None
+        self.failure = self.error(f"the server redirects to {host!r}, not an allowed host")
+        return 0  # anything but None makes libcurl abort the transfer
 
     def body(self, data: bytes) -> int | None:
         try:

@@ -32,6 +32,7 @@ from updater.plan import InstallPlan, make_plan
 from updater.progress import Progress, ProgressEvent
 from updater.slots import booted_slot
 from updater.task import Task, parse_task, task_to_json
+from updater.trust import check_task
 from updater.versions import check_package_version, combined_version
 
 log = logging.getLogger("updater.flow")
@@ -100,9 +101,22 @@ class Flow:
         return parse_task(self.record.task)
 
     def plan(self) -> InstallPlan:
+        """The plan of the update under way, its manifest verified again (offline)."""
         if self._plan is None:
-            self._plan = make_plan(self.task(), self.config)
+            task = self.task()
+            trusted = check_task(task, self.config, envelope=self.record.manifest)
+            self._plan = make_plan(task, self.config, trusted)
         return self._plan
+
+    def prepare(self, task: Task) -> InstallPlan:
+        """A new task's plan, with everything that can be refused before a write refused: its
+        authenticity (:func:`updater.trust.check_task`) and where each file goes.
+
+        The task under way keeps its verified manifest: a restart does not fetch it again.
+        """
+        known = self.record.manifest if self.record.task_id == task.task_id else None
+        trusted = check_task(task, self.config, envelope=known)
+        return make_plan(task, self.config, trusted)
 
     def installer(self, plan: InstallPlan) -> Installer:
         progress = Progress(plan.total_bytes, self.progress_sinks)
@@ -164,6 +178,7 @@ class Flow:
             )
             record.task_id, record.version = task.task_id, task.version
             record.task = task_to_json(task)
+            record.manifest = plan.trusted.envelope
             record.slot, record.from_slot = plan.slot, plan.booted
             record.pending_versions = versions
             if plan.slot is not None:

@@ -19,12 +19,13 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from updater.config import Config
+from updater.config import Config, host_allowed
 from updater.errors import Cancelled, UpdaterError, VerificationError, WriteError
 from updater.fetch import FetchStats, RetryPolicy, Transfer, Validator
 from updater.hooks import HookContext, HookStage, run_hook
@@ -244,6 +245,7 @@ class Installer:
             file_name=spec.name,
             on_durable=lambda n: self.journal.update_file(spec.name, durable=n),
             on_bytes=self._on_bytes,
+            extra_digests=("sha256",) if item.sha256 else (),
         )
         try:
             stream.resume_from(durable)
@@ -259,20 +261,19 @@ class Installer:
                 on_validator=lambda v: self.journal.update_file(
                     spec.name, etag=v.etag, last_modified=v.last_modified
                 ),
-                **({"sleep": self.sleep} if self.sleep else {}),
+                sleep=self.sleep or time.sleep,
+                host_allowed=lambda host: host_allowed(self.config, host),
             )
             self.result.stats[spec.name] = transfer.run(stream)
             digest = stream.finish()
-            if digest != spec.digest:
+            mismatch = _mismatch(item, self.plan.task.digest_method, stream.digests())
+            if mismatch:
+                # The bytes on the target are wrong: never resumed from, never armed.
                 self.journal.update_file(spec.name, durable=0)
                 sink.close()
                 if item.dest is not None:
                     discard_staging(item.dest)
-                raise VerificationError(
-                    f"{self.plan.task.digest_method} digest mismatch: got {digest}, "
-                    f"the task says {spec.digest}",
-                    file_name=spec.name,
-                )
+                raise VerificationError(mismatch, file_name=spec.name)
             if isinstance(sink, HookSink):
                 sink.finish()
         except BaseException:
@@ -405,6 +406,19 @@ class Installer:
 
     def _finish_restores(self) -> None:
         self._undo_files(lambda record: bool(record.get("restoring")))
+
+
+def _mismatch(item: FileItem, method: str, digests: dict[str, str]) -> str | None:
+    """Why the streamed bytes are not the promised ones (the task's digest, then the signed
+    manifest's SHA-256), or None."""
+    if digests[method] != item.spec.digest:
+        return f"{method} digest mismatch: got {digests[method]}, the task says {item.spec.digest}"
+    if item.sha256 is not None and digests["sha256"] != item.sha256:
+        return (
+            f"sha256 digest mismatch: got {digests['sha256']}, the signed manifest says "
+            f"{item.sha256}"
+        )
+    return None
 
 
 def _applied(dest: Path, record: dict[str, Any]) -> bool:

@@ -262,3 +262,18 @@ def _read_trusted_file(path: str, limit: int, source: str) -> bytes:
     if len(data) > limit:
         raise ManifestError(f"{source} refused: {path} is larger than {limit} bytes")
     return data
+
+
+def read_trusted_file(path: str, limit: int, source: str) -> bytes:
+    """A single root-owned file (a product's public key named in the configuration): the
+    directories on its way and any symbolic link followed are checked as for a keyring."""
+
+    def refuse(why: str) -> NoReturn:
+        raise ManifestError(f"{source} refused: {why}")
+
+    if not path.startswith("/"):
+        refuse(f"{path} is not an absolute path")
+    if not os.path.lexists(path):
+        refuse(f"{path}: No such file or directory")
+    resolved, _ = resolve_trusted_path(path, refuse)
+    return _read_trusted_file(resolved, limit, source)

@@ -122,6 +122,7 @@ class Record:
     task_id: str | None = None
     version: str | None = None  # the package version being installed
     task: dict[str, Any] | None = None  # the task as received (to resume without the platform)
+    manifest: str | None = None  # its verified manifest envelope (verified again on a resume)
     slot: str | None = None  # the slot written and armed
     from_slot: str | None = None  # the slot that was booted when the update started
     boot_id: str | None = None  # the boot during which the state was entered
@@ -165,7 +166,8 @@ class Record:
             "step": self.step,
             "time": int(time.time()),
         }
-        self.task_id = self.version = self.task = self.slot = self.from_slot = None
+        self.task_id = self.version = self.task = self.manifest = None
+        self.slot = self.from_slot = None
         self.boot_id = self.armed_boot_id = None
         self.pending_versions = {}
         self.reason = ""

@@ -9,14 +9,16 @@ slot so that the slot about to be tried is whole.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from updater.config import Config, TargetConfig, match_target
-from updater.errors import HookError, PlanError
+from updater.errors import HookError, ManifestError, PlanError
 from updater.hooks import check_trusted
+from updater.manifest import MANIFEST_NAME, Manifest
 from updater.slots import Device, booted_slot, in_use_reason, other_slot, resolve_part
 from updater.task import FileSpec, Task
+from updater.trust import UNSIGNED, Trusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,8 @@ class FileItem:
     device: Device | None = None  # slot targets: the inactive slot's part
     dest: Path | None = None  # file targets
     program: str | None = None  # hook targets
+    sha256: str | None = None  # what the signed manifest says the bytes hash to
+    version: str | None = None  # what the signed manifest says the file's version is
 
     @property
     def where(self) -> str:
@@ -54,13 +58,20 @@ class InstallPlan:
     slot: str | None  # the slot written (the inactive one), None when no slot part is touched
     items: tuple[FileItem, ...]
     clones: tuple[CloneItem, ...]
+    trusted: Trusted = UNSIGNED
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.trusted.manifest
 
     @property
     def total_bytes(self) -> int:
-        return self.task.total_size
+        """The bytes still to stream (the manifest was fetched and verified before the plan)."""
+        return sum(item.spec.size for item in self.items)
 
     def describe(self) -> str:
-        lines = [f"task {self.task.task_id} version {self.task.version}"]
+        signed = "signed" if self.manifest is not None else "UNSIGNED"
+        lines = [f"task {self.task.task_id} version {self.task.version} ({signed})"]
         if self.slot:
             lines.append(f"booted slot {self.booted}, installing into slot {self.slot}")
         for item in self.items:
@@ -75,10 +86,17 @@ class InstallPlan:
         return "\n".join(lines)
 
 
-def make_plan(task: Task, config: Config) -> InstallPlan:
-    """Decide where every file goes and refuse, with PlanError, anything unsafe."""
-    targets = [_target_for(f, config) for f in task.files]
-    _refuse_shared_targets(task, targets)
+def make_plan(task: Task, config: Config, trusted: Trusted = UNSIGNED) -> InstallPlan:
+    """Decide where every file goes and refuse, with PlanError, anything unsafe.
+
+    ``trusted`` holds the verified manifest (see :func:`updater.trust.check_task`): the task's
+    entry for it is not planned (it is fetched and verified already), and each file must go to
+    the target the manifest names.
+    """
+    manifest = trusted.manifest
+    files = [f for f in task.files if manifest is None or f.name != MANIFEST_NAME]
+    targets = [_target_for(f, config) for f in files]
+    _refuse_shared_targets(files, targets)
     uses_slot = any(t.kind == "slot" for t in targets)
     booted = booted_slot(config) if uses_slot else None
     slot = other_slot(booted) if booted else None
@@ -86,8 +104,11 @@ def make_plan(task: Task, config: Config) -> InstallPlan:
     slot_parts = _resolve_slot(config, slot) if slot else {}
 
     items = []
-    for spec, target in zip(task.files, targets, strict=True):
-        items.append(_plan_file(spec, target, config, slot_parts, booted_parts))
+    for spec, target in zip(files, targets, strict=True):
+        item = _plan_file(spec, target, config, slot_parts, booted_parts)
+        if manifest is not None:
+            item = _signed(item, manifest)
+        items.append(item)
         for hook in (target.pre_install, target.post_install):
             if hook:
                 _check_hook(hook, spec.name)
@@ -100,7 +121,21 @@ def make_plan(task: Task, config: Config) -> InstallPlan:
         for part, dest in slot_parts.items():
             if part not in brought:
                 clones.append(_plan_clone(part, booted_parts[part], dest, config, booted_parts))
-    return InstallPlan(task, booted, slot, tuple(items), tuple(clones))
+    return InstallPlan(task, booted, slot, tuple(items), tuple(clones), trusted)
+
+
+def _signed(item: FileItem, manifest: Manifest) -> FileItem:
+    """The item with what the manifest vouches for; the manifest's target must be the one this
+    device's configuration maps the file to (the vendor meant it for that target)."""
+    entry = manifest.file(item.spec.name)
+    assert entry is not None  # check_task_against_manifest: every task file is listed
+    if entry.target != item.target.name:
+        raise ManifestError(
+            f"the manifest says target {entry.target!r}, but {item.target.name!r} is the "
+            "target this device's configuration maps the file to",
+            file_name=item.spec.name,
+        )
+    return replace(item, sha256=entry.sha256, version=entry.version)
 
 
 def _target_for(spec: FileSpec, config: Config) -> TargetConfig:
@@ -110,9 +145,9 @@ def _target_for(spec: FileSpec, config: Config) -> TargetConfig:
     return target
 
 
-def _refuse_shared_targets(task: Task, targets: list[TargetConfig]) -> None:
+def _refuse_shared_targets(files: list[FileSpec], targets: list[TargetConfig]) -> None:
     seen: dict[str, str] = {}
-    for spec, target in zip(task.files, targets, strict=True):
+    for spec, target in zip(files, targets, strict=True):
         if target.name in seen:
             raise PlanError(
                 f"files {seen[target.name]!r} and {spec.name!r} both go to target {target.name!r}",

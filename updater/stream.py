@@ -31,6 +31,24 @@ def new_hasher(method: str) -> hashlib._Hash:
     return hashlib.md5(usedforsecurity=False) if method == "md5" else hashlib.sha256()
 
 
+class Digests:
+    """One pass of the bytes, several digests: the task's own method, and SHA-256 when a signed
+    manifest vouches for the file but the task speaks MD5."""
+
+    __slots__ = ("_hashers", "methods")
+
+    def __init__(self, methods: tuple[str, ...]) -> None:
+        self.methods = tuple(dict.fromkeys(methods))  # the same method twice is hashed once
+        self._hashers = [new_hasher(m) for m in self.methods]
+
+    def update(self, data: bytes | memoryview) -> None:
+        for hasher in self._hashers:
+            hasher.update(data)
+
+    def hexdigests(self) -> dict[str, str]:
+        return {m: h.hexdigest() for m, h in zip(self.methods, self._hashers, strict=True)}
+
+
 class _Flush:
     """A request to the writer thread: sync, then signal."""
 
@@ -61,6 +79,7 @@ class FileStream:
         file_name: str,
         on_durable: Callable[[int], None],
         on_bytes: Callable[[int], None],
+        extra_digests: tuple[str, ...] = (),
     ) -> None:
         self.sink = sink
         self.size = size
@@ -70,7 +89,8 @@ class FileStream:
         self.file_name = file_name
         self.on_durable = on_durable
         self.on_bytes = on_bytes
-        self.hasher = new_hasher(digest_method)
+        self._methods = (digest_method, *extra_digests)
+        self.hasher = Digests(self._methods)
         self.offset = 0  # bytes accepted (written or queued)
         self.durable = 0  # bytes known to be on the sink after a sync
         self._buf = bytearray(buffer_size)
@@ -154,7 +174,7 @@ class FileStream:
         """Start the file over from byte 0 (it changed on the server)."""
         self.checkpoint()
         self.sink.reset()
-        self.hasher = new_hasher(self.digest_method)
+        self.hasher = Digests(self._methods)
         self.on_bytes(-self.offset)
         self.offset = self.durable = self._buf_start = 0
         self.on_durable(0)
@@ -162,7 +182,11 @@ class FileStream:
     def finish(self) -> str:
         """Make everything durable; return the hex digest of all bytes of the file."""
         self.checkpoint()
-        return self.hasher.hexdigest()
+        return self.hasher.hexdigests()[self.digest_method]
+
+    def digests(self) -> dict[str, str]:
+        """Every digest computed (after :meth:`finish`): method -> hex."""
+        return self.hasher.hexdigests()
 
     def close(self) -> None:
         self._queue.put(None)

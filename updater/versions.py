@@ -1,12 +1,17 @@
 """Versions: each target's version, and the device's combined version string.
 
 The device's version is the targets' versions concatenated in the configured target order
-(``a1`` + ``b1`` + ``c1`` = ``a1b1c1``): what the IoT Platform waits to hear after an update. Until
-the signed manifest names each file's version, it comes from the task: the target's
-``version_pattern`` matched against the file name, else ``extData.versions`` (an object, or a JSON
-string, mapping file names to versions), else, when the device has a single target, the task's
-version. When some
+(``a1`` + ``b1`` + ``c1`` = ``a1b1c1``): what the IoT Platform waits to hear after an update. A
+signed package names each file's version in its manifest. An unsigned one (where the
+configuration allows them) tells it in the task: the target's ``version_pattern`` matched
+against the file name, else ``extData.versions`` (an object, or a JSON string, mapping file
+names to versions), else, when the device has a single target, the task's version. When some
 target's version cannot be told, the device reports the last committed package's version.
+
+Versions only go up, target by target, unless ``security.allow_downgrade`` or the signed
+manifest's ``allow_downgrade`` (a rollback release, signed as such) says otherwise. They are
+compared in "natural" order, as ``sort -V`` does: runs of digits as numbers, the rest as text
+(``1.9`` < ``1.10``, ``a1`` < ``a2`` < ``b1``).
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ import json
 import re
 
 from updater.config import Config
-from updater.errors import PlanError
+from updater.errors import ManifestError, PlanError
 from updater.plan import InstallPlan
+
+_RUN = re.compile(r"\d+|\D+")
 
 
 def file_versions(plan: InstallPlan, config: Config) -> dict[str, str]:
     """target name -> the version this task installs into it (when the task tells)."""
+    if plan.manifest is not None:
+        return {item.target.name: item.version or "" for item in plan.items}
     task = plan.task
     declared = _ext_versions(task.ext_data)
     versions: dict[str, str] = {}
@@ -72,7 +81,9 @@ def check_package_version(
     new = file_versions(plan, config)
     pending = {item.target.name: new.get(item.target.name, "") for item in plan.items}
     if "" in pending.values():
+        _refuse_downgrade(config, plan, installed, {k: v for k, v in new.items() if v})
         return pending  # some file's version is unknown: nothing to check it against
+    _refuse_downgrade(config, plan, installed, new)
     after = {**installed, **new}
     combined = combined_version(config, after)
     if combined is not None and combined != plan.task.version:
@@ -81,3 +92,27 @@ def check_package_version(
             f"{combined!r} ({' + '.join(after[t.name] for t in config.targets)})"
         )
     return pending
+
+
+def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key of the natural order: digit runs compare as numbers and before text."""
+    return tuple(
+        (0, int(run), "") if run.isdigit() else (1, 0, run) for run in _RUN.findall(version)
+    )
+
+
+def _refuse_downgrade(
+    config: Config, plan: InstallPlan, installed: dict[str, str], new: dict[str, str]
+) -> None:
+    """Refuse (step -3, before anything is written) a target whose version would go down."""
+    manifest = plan.manifest
+    if config.security.allow_downgrade or (manifest is not None and manifest.allow_downgrade):
+        return
+    for target, version in new.items():
+        old = installed.get(target)
+        if old is not None and version_key(version) < version_key(old):
+            raise ManifestError(
+                f"target {target} would go down from version {old!r} to {version!r}: refused "
+                f"(a rollback release must be signed with allow_downgrade, or "
+                f"security.allow_downgrade set in {config.path})"
+            )

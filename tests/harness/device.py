@@ -24,6 +24,7 @@ from .loopdev import LoopDevices, make_sparse_image
 
 MiB = 1 << 20
 AUTOBOOT_A = "[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n"
+BOARD_MODEL = "Raspberry Pi 4 Model B Rev 1.4"
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
@@ -164,6 +165,7 @@ def build_device(
     for name, value in (("partition", 2), ("tryboot", 0), ("capabilities", 0xC)):
         (device_tree / name).write_bytes(value.to_bytes(4, "big"))
     (root / "boot_id").write_text("boot-1\n")
+    (root / "model").write_bytes(BOARD_MODEL.encode() + b"\0")  # as /proc/device-tree/model
     etc = root / "etc"
     etc.mkdir(exist_ok=True)
     hooks_dir = root / "hooks"
@@ -201,6 +203,7 @@ def build_device(
             "cmdline": str(cmdline),
             "mountinfo": str(mountinfo),
             "boot_id": str(root / "boot_id"),
+            "model": str(root / "model"),
         },
         "bootloader": {
             "type": "tryboot",
@@ -210,6 +213,9 @@ def build_device(
         },
         "reboot": {"policy": "never"},
         "health": {"system_running": False, "directory": str(root / "health.d")},
+        # Engine tests hand-craft tasks (wrong digests, lying servers) without a manifest; the
+        # signed path, the production default, is what tests/harness/signing.py sets up.
+        "security": {"allow_unsigned": True},
     }
     device.write_config()
     return device
