@@ -38,7 +38,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from updater.config import Config
-from updater.errors import Cancelled, ConfigError, TaskError, UpdaterError
+from updater.errors import Cancelled, ConfigError, TaskError, UpdaterError, VerificationError
 from updater.identity import load_identity
 from updater.journal import StateLock, atomic_write_json, read_json
 from updater.logctx import clear_context, set_context
@@ -419,6 +419,9 @@ class Agent:
         except UpdaterError as err:  # refused before the first byte
             log.error("task %s refused: %s", task.task_id, err.desc)
             publish(err.step, err.desc)
+            if isinstance(err, VerificationError) and Flow(self.config).under_way(task):
+                with StateLock(Path(self.config.state_dir)):
+                    Flow(self.config).abandon(task, err)
             return
         if record.state == State.ARMED:
             self._set_status(f"version {task.version} installed; reboot pending")

@@ -192,6 +192,7 @@ def build_bundle(
     base_url: str,
     sign_method: DigestMethod = "sha256",
     created: datetime | None = None,
+    allow_downgrade: bool = False,
 ) -> BundleResult:
     """Copy ``files`` into ``out_dir``, sign their manifest and write the task to publish.
 
@@ -211,7 +212,11 @@ def build_bundle(
     except OSError as err:
         raise BundleError(f"cannot write the package in {out_dir}: {err}") from err
     manifest = Manifest(
-        version=version, boards=tuple(boards), files=tuple(e[0] for e in entries), created=when
+        version=version,
+        boards=tuple(boards),
+        files=tuple(e[0] for e in entries),
+        created=when,
+        allow_downgrade=allow_downgrade,
     )
     envelope = sign_manifest(manifest_to_json(manifest), private_pem)
     manifest_digest = _digests(envelope)[sign_method]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from updater import __version__
 from updater.config import DEFAULT_CONFIG_PATH, Config, load_config
-from updater.errors import TaskError, UpdaterError
+from updater.errors import TaskError, UpdaterError, VerificationError
 from updater.journal import StateLock
 from updater.logctx import ContextFilter, set_context
 from updater.machine import State
@@ -25,6 +25,7 @@ from updater.progress import JsonLines, Progress, ProgressEvent, TerminalBar
 
 if TYPE_CHECKING:
     from updater.flow import Flow
+    from updater.task import Task
 
 log = logging.getLogger("updater")
 
@@ -73,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     bundle.add_argument(
         "--sign-method", default="SHA256", help="the task's per-file digest: SHA256 or MD5"
     )
+    bundle.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="a rollback release: devices may install it over a higher version",
+    )
     bundle.add_argument("files", nargs="+", metavar="FILE=TARGET=VERSION", help="payload files")
     return p
 
@@ -110,6 +116,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     sinks = _progress_sinks(args.progress)
     planned = False
+    task: Task | None = None
     try:
         task = parse_task(_read_task(args.task))
         config = load_config(args.config)
@@ -126,6 +133,13 @@ def cmd_install(args: argparse.Namespace) -> int:
         if not planned:
             # Refused before anything was written; a JSON consumer still gets its "failed" line.
             Progress(0, sinks).failed(err.step, err.desc, err.file_name)
+            if (
+                isinstance(err, VerificationError)
+                and task is not None
+                and _flow(config).under_way(task)
+            ):
+                with StateLock(Path(config.state_dir)):
+                    _flow(config).abandon(task, err)
         raise
     if flow.error is not None:  # logged by the flow; the exit code says which kind
         return flow.error.exit_code
@@ -233,6 +247,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         boards=args.board,
         base_url=args.base_url,
         sign_method=parse_sign_method(args.sign_method),
+        allow_downgrade=args.allow_downgrade,
     )
     print(result.describe())
     return 0

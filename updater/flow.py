@@ -116,7 +116,34 @@ class Flow:
         """
         known = self.record.manifest if self.record.task_id == task.task_id else None
         trusted = check_task(task, self.config, envelope=known)
-        return make_plan(task, self.config, trusted)
+        plan = make_plan(task, self.config, trusted)
+        # The version policy too (checked again by install, under the state lock).
+        check_package_version(self.config, plan, self._installed())
+        return plan
+
+    def under_way(self, task: Task) -> bool:
+        """Whether ``task`` is being downloaded or installed (not yet armed)."""
+        r = self.record
+        return r.task_id == task.task_id and r.state in (State.DOWNLOAD, State.INSTALL)
+
+    def abandon(self, task: Task, err: UpdaterError) -> bool:
+        """The update under way for ``task`` failed a check it passed when it started (a key
+        revoked, a keyring replaced since): roll it back rather than leave it to be resumed.
+        The caller holds the state lock. Returns whether there was such an update."""
+        if not self.under_way(task):
+            return False
+        r = self.record
+        log.error(
+            "the update under way to version %s fails its checks now: rolling back", r.version
+        )
+        self.error = err
+        r.reason, r.step = err.desc, err.step
+        self._enter(State.ROLLBACK)
+        self._run(stop_at={State.IDLE})
+        return True
+
+    def _installed(self) -> dict[str, str]:
+        return {**self.config.factory_versions, **self.record.installed}
 
     def installer(self, plan: InstallPlan) -> Installer:
         progress = Progress(plan.total_bytes, self.progress_sinks)
@@ -173,9 +200,7 @@ class Flow:
         if record.state == State.IDLE:
             if plan.slot is not None:
                 self._check_device()
-            versions = check_package_version(
-                self.config, plan, {**self.config.factory_versions, **record.installed}
-            )
+            versions = check_package_version(self.config, plan, self._installed())
             record.task_id, record.version = task.task_id, task.version
             record.task = task_to_json(task)
             record.manifest = plan.trusted.envelope
