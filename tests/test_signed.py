@@ -72,6 +72,15 @@ def entry(task: dict[str, Any], name: str) -> dict[str, Any]:
     return next(f for f in task_files(task) if f["fileName"] == name)
 
 
+def journal_files(device: Device) -> list[dict[str, Any]]:
+    try:
+        files = device.journal().get("files", {})
+    except json.JSONDecodeError:
+        raise AssertionError("the journal was seen half-written") from None
+    assert isinstance(files, dict)
+    return list(files.values())
+
+
 def state(device: Device) -> dict[str, Any]:
     data = json.loads((device.state_dir / "state.json").read_text())
     assert isinstance(data, dict)
@@ -459,10 +468,7 @@ def test_a_killed_install_resumes_with_its_verified_manifest_not_a_second_fetch(
     task = device.task_file(package.task)
     proc = device.start("install", str(task), "--progress", "none")
     deadline = time.monotonic() + 60
-    while not (device.state_dir / "journal.json").exists() or not any(
-        f.get("durable")
-        for f in device.journal().get("files", {}).values()  # type: ignore[union-attr]
-    ):
+    while not any(f.get("durable") for f in journal_files(device)):
         assert proc.poll() is None, "the install ended before it could be killed"
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.01)
