@@ -125,7 +125,7 @@ def test_bundle_end_to_end(
     tmp_path: Path, sources: Path, keys: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "package"
-    args = bundle_args(keys, out, "--version", "a1b1c1", *file_args(sources))
+    args = bundle_args(keys, out, "--version", "a1b1c1", "--compress", "none", *file_args(sources))
     assert main(args) == 0
     assert "package a1b1c1" in capsys.readouterr().out
 
@@ -158,13 +158,64 @@ def test_bundle_end_to_end(
 
 def test_bundle_with_md5(tmp_path: Path, sources: Path, keys: Path) -> None:
     out = tmp_path / "package"
-    args = bundle_args(keys, out, "--version", "a1b1c1", "--sign-method", "md5")
+    args = bundle_args(
+        keys, out, "--version", "a1b1c1", "--sign-method", "md5", "--compress", "none"
+    )
     assert main([*args, *file_args(sources)]) == 0
     task = parse_task((out / "task.json").read_bytes())
     assert task.digest_method == "md5"
     assert task.files[1].digest == hashlib.md5(PAYLOAD["boot.img"]).hexdigest()
     keyring = Keyring.from_public_keys([(keys / "vendor.pub").read_bytes()])
     check_task_against_manifest(task, verify_envelope((out / MANIFEST_NAME).read_bytes(), keyring))
+
+
+def test_bundle_compresses_with_zstd_by_default(tmp_path: Path, sources: Path, keys: Path) -> None:
+    import zstandard
+
+    out = tmp_path / "package"
+    assert main(bundle_args(keys, out, "--version", "a1b1c1", *file_args(sources))) == 0
+    task = parse_task((out / "task.json").read_bytes())
+    keyring = Keyring.from_public_keys([(keys / "vendor.pub").read_bytes()])
+    manifest = verify_envelope((out / MANIFEST_NAME).read_bytes(), keyring)
+    check_task_against_manifest(task, manifest)
+    for spec, entry in zip(task.files[1:], manifest.files, strict=True):
+        served = (out / spec.name).read_bytes()
+        data = PAYLOAD[spec.name]
+        assert entry.size == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
+        assert spec.size == len(served) and spec.digest == hashlib.sha256(served).hexdigest()
+        if entry.encoding is None:  # not smaller compressed: stored as is
+            assert served == data
+            continue
+        assert entry.encoding == "zstd" and len(served) < len(data)
+        assert entry.encoded_size == len(served)
+        assert entry.encoded_sha256 == spec.digest
+        reader = zstandard.ZstdDecompressor().stream_reader(served, read_across_frames=True)
+        assert reader.read() == data
+    assert any(entry.encoding == "zstd" for entry in manifest.files)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--compress", "lz4"], "compression 'lz4': expected zstd, xz, gzip or none"),
+        (["--compress", "zstd", "--level", "30"], "zstd level 30: expected 1..22"),
+        (["--frame-size", "64"], "frame size 67108864"),
+        (["--max-file-size", "0"], "is more than the limit of 0"),
+    ],
+)
+def test_bundle_refuses_bad_compression_settings_clearly(
+    tmp_path: Path,
+    sources: Path,
+    keys: Path,
+    caplog: pytest.LogCaptureFixture,
+    args: list[str],
+    message: str,
+) -> None:
+    out = tmp_path / "package"
+    code = main(bundle_args(keys, out, "--version", "a1b1c1", *args, *file_args(sources)))
+    assert code == 2
+    assert message in caplog.text
+    assert not (out / "task.json").exists() and not (out / MANIFEST_NAME).exists()
 
 
 def test_bundle_verifies_with_a_keyring_directory(

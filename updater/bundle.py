@@ -23,7 +23,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -32,6 +32,7 @@ from urllib.parse import quote, urlsplit
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from updater.encode import Compression
 from updater.errors import InvalidInput, ManifestError, TaskError
 from updater.keyring import MAX_KEY_FILE_BYTES, Keyring, generate_key, key_id, load_private_key
 from updater.manifest import (
@@ -54,6 +55,8 @@ _METHOD_NAMES: Final[dict[DigestMethod, str]] = {v: k for k, v in SIGN_METHODS.i
 _KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CHUNK: Final = 1 << 20
 _PLACEHOLDER_SHA256: Final = "0" * 64
+DEFAULT_MAX_FILE_SIZE: Final = 1000 << 20  # the IoT Platform's limit for one file of a package
+NO_COMPRESSION: Final = Compression(encoding=None)
 
 
 class BundleError(InvalidInput):
@@ -162,6 +165,15 @@ def parse_sign_method(text: str) -> DigestMethod:
     return method
 
 
+def parse_compression(text: str, level: int | None, frame_size: int) -> Compression:
+    """``--compress``, ``--level`` and ``--frame-size`` as one value; ``none`` stores as is."""
+    encoding = None if text.lower() == "none" else text.lower()
+    try:
+        return Compression(encoding, level, frame_size)
+    except ValueError as err:
+        raise BundleError(str(err)) from err
+
+
 def check_base_url(base_url: str) -> str:
     """An https URL with a host and no query or fragment; returned without a trailing '/'."""
     try:
@@ -193,6 +205,8 @@ def build_bundle(
     sign_method: DigestMethod = "sha256",
     created: datetime | None = None,
     allow_downgrade: bool = False,
+    compression: Compression = NO_COMPRESSION,
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE,
 ) -> BundleResult:
     """Copy ``files`` into ``out_dir``, sign their manifest and write the task to publish.
 
@@ -208,7 +222,9 @@ def build_bundle(
         _check_source(spec.path, os.stat)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        entries = [_copy_file(spec, out_dir, sign_method) for spec in files]
+        entries = [
+            _copy_file(spec, out_dir, sign_method, compression, max_file_size) for spec in files
+        ]
     except OSError as err:
         raise BundleError(f"cannot write the package in {out_dir}: {err}") from err
     manifest = Manifest(
@@ -280,24 +296,68 @@ def _dry_run_manifest(
 
 
 def _copy_file(
-    spec: PayloadFile, out_dir: Path, method: DigestMethod
+    spec: PayloadFile,
+    out_dir: Path,
+    method: DigestMethod,
+    compression: Compression,
+    max_file_size: int,
 ) -> tuple[ManifestFile, int, str]:
-    """Copy one file into the package, hashing it on the way: (entry, size, protocol digest)."""
+    """Copy one file into the package, compressed when that makes it smaller, hashing both
+    sides on the way: (manifest entry, size served, protocol digest of what is served)."""
+    if compression.encoding is not None:
+        entry, served = _write_file(spec, out_dir, compression)
+        if entry.encoded_size is not None and entry.encoded_size < entry.size:
+            _check_served_size(spec, entry.encoded_size, max_file_size, compressed=True)
+            return entry, entry.encoded_size, served[method]
+    entry, served = _write_file(spec, out_dir, None)
+    _check_served_size(spec, entry.size, max_file_size, compressed=False)
+    return entry, entry.size, served[method]
+
+
+def _write_file(
+    spec: PayloadFile, out_dir: Path, compression: Compression | None
+) -> tuple[ManifestFile, dict[DigestMethod, str]]:
+    """Write the file as served; its manifest entry and the digests of what is served."""
+    encoder = compression.encoder() if compression is not None else None
+    image = hashlib.sha256()
+    served = {"sha256": hashlib.sha256(), "md5": hashlib.md5(usedforsecurity=False)}
+    size = served_size = 0
+
+    def serve(data: bytes, dest: BinaryIO) -> int:
+        for h in served.values():
+            h.update(data)
+        dest.write(data)
+        return len(data)
+
     with spec.path.open("rb") as src:
         st = _check_source(spec.path, lambda _: os.fstat(src.fileno()))
-        sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-        size = 0
         with _replacing(out_dir / spec.name) as dest:
             while chunk := src.read(_CHUNK):
-                sha256.update(chunk)
-                md5.update(chunk)
-                dest.write(chunk)
+                image.update(chunk)
                 size += len(chunk)
+                served_size += serve(encoder.compress(chunk) if encoder else chunk, dest)
+            if encoder is not None:
+                served_size += serve(encoder.flush(), dest)
     if size != st.st_size:
         raise BundleError(f"{spec.path} changed while it was copied")
-    digest = {"sha256": sha256.hexdigest(), "md5": md5.hexdigest()}[method]
-    entry = ManifestFile(spec.name, size, sha256.hexdigest(), spec.version, spec.target)
-    return entry, size, digest
+    entry = ManifestFile(spec.name, size, image.hexdigest(), spec.version, spec.target)
+    if compression is not None:
+        entry = replace(
+            entry,
+            encoding=compression.encoding,
+            encoded_size=served_size,
+            encoded_sha256=served["sha256"].hexdigest(),
+        )
+    return entry, {"sha256": served["sha256"].hexdigest(), "md5": served["md5"].hexdigest()}
+
+
+def _check_served_size(spec: PayloadFile, size: int, limit: int, *, compressed: bool) -> None:
+    if size > limit:
+        what = "compressed, " if compressed else ""
+        raise BundleError(
+            f"{spec.path}: {size} bytes ({what}as served) is more than the limit of {limit} "
+            "(the IoT Platform takes at most 1000 MiB a file; --max-file-size)"
+        )
 
 
 def _check_source(path: Path, stat_of: Callable[[Path], os.stat_result]) -> os.stat_result:

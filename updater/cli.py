@@ -79,6 +79,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a rollback release: devices may install it over a higher version",
     )
+    bundle.add_argument(
+        "--compress",
+        default="zstd",
+        help="zstd (the default: resumable frame by frame), xz, gzip or none",
+    )
+    bundle.add_argument("--level", type=int, help="compression level (zstd 3, xz 6, gzip 6)")
+    bundle.add_argument(
+        "--frame-size",
+        type=int,
+        default=4,
+        help="zstd: MiB of image per independent frame (the most a device fetches again)",
+    )
+    bundle.add_argument(
+        "--max-file-size",
+        type=int,
+        default=1000,
+        help="MiB a served file may have (the IoT Platform's limit: 1000)",
+    )
     bundle.add_argument("files", nargs="+", metavar="FILE=TARGET=VERSION", help="payload files")
     return p
 
@@ -237,7 +255,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     """Build a signed package ready to upload, and the task that announces it."""
-    from updater.bundle import build_bundle, parse_file_argument, parse_sign_method, read_key_file
+    from updater.bundle import (
+        build_bundle,
+        parse_compression,
+        parse_file_argument,
+        parse_sign_method,
+        read_key_file,
+    )
 
     result = build_bundle(
         [parse_file_argument(text) for text in args.files],
@@ -248,6 +272,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         base_url=args.base_url,
         sign_method=parse_sign_method(args.sign_method),
         allow_downgrade=args.allow_downgrade,
+        compression=parse_compression(args.compress, args.level, args.frame_size << 20),
+        max_file_size=args.max_file_size << 20,
     )
     print(result.describe())
     return 0

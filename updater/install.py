@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from updater.config import Config, host_allowed
+from updater.decode import DecodedStream, ResumePoint, make_decoder
 from updater.errors import Cancelled, UpdaterError, VerificationError, WriteError
 from updater.fetch import FetchStats, RetryPolicy, Transfer, Validator
 from updater.hooks import HookContext, HookStage, run_hook
@@ -233,60 +234,134 @@ class Installer:
                 timeout=self.config.hooks.timeout,
             )
         sink = self._open_sink(item, record)
-        durable = int(record.get("durable", 0)) if sink.resumable else 0
-        validator = Validator(record.get("etag"), record.get("last_modified"))
-        dl = self.config.download
-        stream = FileStream(
-            sink,
-            size=spec.size,
-            digest_method=self.plan.task.digest_method,
-            buffer_size=dl.buffer_size,
-            fsync_interval=dl.fsync_interval,
-            file_name=spec.name,
-            on_durable=lambda n: self.journal.update_file(spec.name, durable=n),
-            on_bytes=self._on_bytes,
-            extra_digests=("sha256",) if item.sha256 else (),
-        )
+        stream, receiver = self._streams(item, sink)
         try:
-            stream.resume_from(durable)
-            if durable:
-                log.info("%s: resuming at byte %d of %d", spec.name, durable, spec.size)
+            resumed = self._resume(item, stream, receiver, record)
             transfer = Transfer(
                 spec.url,
                 spec.size,
-                dl,
+                self.config.download,
                 file_name=spec.name,
                 policy=self.policy,
-                validator=validator if durable else None,
+                validator=Validator(record.get("etag"), record.get("last_modified"))
+                if resumed
+                else None,
                 on_validator=lambda v: self.journal.update_file(
                     spec.name, etag=v.etag, last_modified=v.last_modified
                 ),
                 sleep=self.sleep or time.sleep,
                 host_allowed=lambda host: host_allowed(self.config, host),
             )
-            self.result.stats[spec.name] = transfer.run(stream)
-            digest = stream.finish()
-            mismatch = _mismatch(item, self.plan.task.digest_method, stream.digests())
+            self.result.stats[spec.name] = transfer.run(receiver)
+            image_sha256: str | None
+            if isinstance(receiver, DecodedStream):
+                digest, image_sha256 = receiver.finish()
+            else:
+                stream.finish()
+                digests = stream.digests()
+                digest, image_sha256 = digests[stream.digest_method], digests.get("sha256")
+            mismatch = _mismatch(item, self.plan.task.digest_method, digest, image_sha256)
             if mismatch:
-                # The bytes on the target are wrong: never resumed from, never armed.
-                self.journal.update_file(spec.name, durable=0)
-                sink.close()
-                if item.dest is not None:
-                    discard_staging(item.dest)
                 raise VerificationError(mismatch, file_name=spec.name)
             if isinstance(sink, HookSink):
                 sink.finish()
+        except VerificationError:
+            # The bytes on the target are wrong: never resumed from, never armed.
+            self.journal.update_file(spec.name, durable=0, encoded_offset=None, transfer_state=None)
+            sink.close()
+            if item.dest is not None:
+                discard_staging(item.dest)
+            raise
         except BaseException:
             # Keep what arrived (a 403 or Ctrl-C halfway): the next run starts from there.
             if sink.resumable:
                 with contextlib.suppress(Exception):
-                    stream.checkpoint()
+                    receiver.checkpoint()
             raise
         finally:
             stream.close()
             sink.close()
-        self.journal.update_file(spec.name, verified=True, durable=spec.size, digest=digest)
+        self.journal.update_file(spec.name, verified=True, durable=item.size, digest=digest)
         self.progress.file_verified(spec.name)
+
+    def _streams(self, item: FileItem, sink: Sink) -> tuple[FileStream, FileStream | DecodedStream]:
+        """The stream writing the target, and what receives the transfer: the same stream, or
+        a decoder in front of it for a compressed file."""
+        name, dl = item.spec.name, self.config.download
+        if item.encoding is None:
+            stream = FileStream(
+                sink,
+                size=item.size,
+                digest_method=self.plan.task.digest_method,
+                buffer_size=dl.buffer_size,
+                fsync_interval=dl.fsync_interval,
+                file_name=name,
+                on_durable=lambda n: self.journal.update_file(name, durable=n),
+                on_bytes=self._on_bytes,
+                extra_digests=("sha256",) if item.sha256 else (),
+            )
+            return stream, stream
+        decoded: DecodedStream | None = None
+
+        def durable(n: int) -> None:
+            if decoded is not None:
+                decoded.image_durable(n)
+
+        stream = FileStream(
+            sink,
+            size=item.size,
+            digest_method="sha256",  # the image's, which the manifest gives
+            buffer_size=dl.buffer_size,
+            fsync_interval=dl.fsync_interval,
+            file_name=name,
+            on_durable=durable,
+            on_bytes=lambda n: None,  # progress counts the bytes transferred
+        )
+        decoded = DecodedStream(
+            stream,
+            make_decoder(item.encoding, name),
+            digest_method=self.plan.task.digest_method,
+            file_name=name,
+            on_bytes=self._on_bytes,
+            on_resume_point=lambda p: self.journal.update_file(
+                name,
+                durable=p.image_offset,
+                encoded_offset=p.offset,
+                transfer_state=p.transfer_state,
+            ),
+        )
+        return stream, decoded
+
+    def _resume(
+        self,
+        item: FileItem,
+        stream: FileStream,
+        receiver: FileStream | DecodedStream,
+        record: dict[str, Any],
+    ) -> bool:
+        """Continue from what the journal says is durable; whether anything was kept."""
+        name = item.spec.name
+        durable = int(record.get("durable", 0)) if stream.sink.resumable else 0
+        if not durable:
+            return False
+        if isinstance(receiver, DecodedStream):
+            offset, state = record.get("encoded_offset"), record.get("transfer_state")
+            if not isinstance(offset, int) or not isinstance(state, str):
+                return False
+            receiver.resume_from(ResumePoint(offset, durable, state))
+            if receiver.offset:
+                log.info(
+                    "%s: resuming at byte %d of %d (image byte %d of %d)",
+                    name,
+                    receiver.offset,
+                    item.spec.size,
+                    durable,
+                    item.size,
+                )
+            return receiver.offset > 0
+        stream.resume_from(durable)
+        log.info("%s: resuming at byte %d of %d", name, durable, item.spec.size)
+        return True
 
     def _cancellable_sleep(self, seconds: float) -> None:
         assert self.cancel is not None
@@ -408,16 +483,13 @@ class Installer:
         self._undo_files(lambda record: bool(record.get("restoring")))
 
 
-def _mismatch(item: FileItem, method: str, digests: dict[str, str]) -> str | None:
-    """Why the streamed bytes are not the promised ones (the task's digest, then the signed
-    manifest's SHA-256), or None."""
-    if digests[method] != item.spec.digest:
-        return f"{method} digest mismatch: got {digests[method]}, the task says {item.spec.digest}"
-    if item.sha256 is not None and digests["sha256"] != item.sha256:
-        return (
-            f"sha256 digest mismatch: got {digests['sha256']}, the signed manifest says "
-            f"{item.sha256}"
-        )
+def _mismatch(item: FileItem, method: str, digest: str, image_sha256: str | None) -> str | None:
+    """Why the bytes are not the promised ones (the task's digest of what was transferred,
+    then the signed manifest's SHA-256 of what landed), or None."""
+    if digest != item.spec.digest:
+        return f"{method} digest mismatch: got {digest}, the task says {item.spec.digest}"
+    if item.sha256 is not None and image_sha256 != item.sha256:
+        return f"sha256 digest mismatch: got {image_sha256}, the signed manifest says {item.sha256}"
     return None
 
 

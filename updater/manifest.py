@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Final, NoReturn
@@ -85,7 +85,19 @@ MAX_MODEL_BYTES: Final = 4096
 MIN_RSA_BITS: Final = 2048
 
 _MANIFEST_KEYS: Final = ("schema", "version", "boards", "files", "created", "allow_downgrade")
-_FILE_KEYS: Final = ("name", "size", "sha256", "version", "target")
+_FILE_KEYS: Final = (
+    "name",
+    "size",
+    "sha256",
+    "version",
+    "target",
+    "encoding",
+    "encoded_size",
+    "encoded_sha256",
+)
+_ENCODED_KEYS: Final = ("encoding", "encoded_size", "encoded_sha256")
+ENCODINGS: Final = ("zstd", "xz", "gzip")
+"""How a file may travel compressed; the manifest declares it (a device never guesses)."""
 _ENVELOPE_KEYS: Final = ("payloadType", "payload", "signatures")
 _VERSION_RE: Final = re.compile(r"[\x21-\x7e]+")
 _SHA256_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
@@ -104,13 +116,30 @@ _STRING_REST_RE: Final = re.compile(r'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 
 @dataclass(frozen=True, slots=True)
 class ManifestFile:
-    """One file of a package; ``name`` is only ever matched, never used as a path."""
+    """One file of a package; ``name`` is only ever matched, never used as a path.
+
+    ``size`` and ``sha256`` are those of what lands on the target. A file that travels
+    compressed also has ``encoding`` and the ``encoded_size`` and ``encoded_sha256`` of the
+    bytes transferred (what the task's ``fileSize`` and, for SHA-256 tasks, ``fileSign`` are).
+    """
 
     name: str
     size: int
     sha256: str  # lowercase hex
     version: str
     target: str
+    encoding: str | None = None  # one of ENCODINGS
+    encoded_size: int | None = None
+    encoded_sha256: str | None = None
+
+    @property
+    def transfer_size(self) -> int:
+        """The bytes the task's URL serves."""
+        return self.encoded_size if self.encoded_size is not None else self.size
+
+    @property
+    def transfer_sha256(self) -> str:
+        return self.encoded_sha256 if self.encoded_sha256 is not None else self.sha256
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,20 +172,26 @@ def manifest_to_json(manifest: Manifest) -> bytes:
         "schema": manifest.schema,
         "version": manifest.version,
         "boards": list(manifest.boards),
-        "files": [
-            {
-                "name": f.name,
-                "size": f.size,
-                "sha256": f.sha256,
-                "version": f.version,
-                "target": f.target,
-            }
-            for f in manifest.files
-        ],
+        "files": [_file_json(f) for f in manifest.files],
         "created": manifest.created.isoformat(),
         "allow_downgrade": manifest.allow_downgrade,
     }
     return (json.dumps(body, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _file_json(f: ManifestFile) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "name": f.name,
+        "size": f.size,
+        "sha256": f.sha256,
+        "version": f.version,
+        "target": f.target,
+    }
+    if f.encoding is not None:
+        entry.update(
+            encoding=f.encoding, encoded_size=f.encoded_size, encoded_sha256=f.encoded_sha256
+        )
+    return entry
 
 
 # --- strict JSON ---------------------------------------------------------------------------------
@@ -290,12 +325,27 @@ def _file(value: object, where: str) -> ManifestFile:
     if not isinstance(value, dict):
         _bad(where, f"must be an object, not {_kind(value)}")
     _only_keys(value, _FILE_KEYS, f"manifest field {where}")
-    return ManifestFile(
+    encoded = [key for key in _ENCODED_KEYS if key in value]
+    if encoded and len(encoded) != len(_ENCODED_KEYS):
+        missing = [key for key in _ENCODED_KEYS if key not in value]
+        _bad(where, f"a compressed file needs {', '.join(_ENCODED_KEYS)}; missing {missing[0]}")
+    file = ManifestFile(
         name=_name(_get(value, "name", f"{where}.name"), f"{where}.name"),
         size=_size(_get(value, "size", f"{where}.size"), f"{where}.size"),
         sha256=_sha256(_get(value, "sha256", f"{where}.sha256"), f"{where}.sha256"),
         version=_version(_get(value, "version", f"{where}.version"), f"{where}.version"),
         target=_target(_get(value, "target", f"{where}.target"), f"{where}.target"),
+    )
+    if not encoded:
+        return file
+    encoding = value["encoding"]
+    if not isinstance(encoding, str) or encoding not in ENCODINGS:
+        _bad(f"{where}.encoding", f"{_preview(encoding)} is not one of {', '.join(ENCODINGS)}")
+    return replace(
+        file,
+        encoding=encoding,
+        encoded_size=_size(value["encoded_size"], f"{where}.encoded_size"),
+        encoded_sha256=_sha256(value["encoded_sha256"], f"{where}.encoded_sha256"),
     )
 
 
@@ -572,10 +622,14 @@ def check_task_against_manifest(task: Task, manifest: Manifest) -> None:
         entry = manifest.file(spec.name)
         if entry is None:
             raise _file_error(spec.name, "is not listed in the manifest")
-        if spec.size != entry.size:
-            raise _file_error(spec.name, f"size {spec.size} != {entry.size} in the manifest")
-        if task.digest_method == "sha256" and spec.digest != entry.sha256:
-            raise _file_error(spec.name, f"SHA-256 {spec.digest} != {entry.sha256} in the manifest")
+        if spec.size != entry.transfer_size:
+            raise _file_error(
+                spec.name, f"size {spec.size} != {entry.transfer_size} in the manifest"
+            )
+        if task.digest_method == "sha256" and spec.digest != entry.transfer_sha256:
+            raise _file_error(
+                spec.name, f"SHA-256 {spec.digest} != {entry.transfer_sha256} in the manifest"
+            )
     names = {spec.name for spec in task.files}
     for entry in manifest.files:
         if entry.name not in names:

@@ -32,6 +32,13 @@ class FileItem:
     program: str | None = None  # hook targets
     sha256: str | None = None  # what the signed manifest says the bytes hash to
     version: str | None = None  # what the signed manifest says the file's version is
+    encoding: str | None = None  # how the bytes travel compressed (the signed manifest says)
+    image_size: int | None = None  # the size on the target, when it differs from the transfer
+
+    @property
+    def size(self) -> int:
+        """The bytes that land on the target (the image, once decompressed)."""
+        return self.image_size if self.image_size is not None else self.spec.size
 
     @property
     def where(self) -> str:
@@ -75,8 +82,9 @@ class InstallPlan:
         if self.slot:
             lines.append(f"booted slot {self.booted}, installing into slot {self.slot}")
         for item in self.items:
+            how = f", {item.encoding} to {item.size} bytes" if item.encoding else ""
             lines.append(
-                f"  {item.spec.name} ({item.spec.size} bytes) -> {item.target.kind} "
+                f"  {item.spec.name} ({item.spec.size} bytes{how}) -> {item.target.kind} "
                 f"target {item.target.name}: {item.where}"
             )
         for clone in self.clones:
@@ -105,7 +113,9 @@ def make_plan(task: Task, config: Config, trusted: Trusted = UNSIGNED) -> Instal
 
     items = []
     for spec, target in zip(files, targets, strict=True):
-        item = _plan_file(spec, target, config, slot_parts, booted_parts)
+        entry = manifest.file(spec.name) if manifest is not None else None
+        size = entry.size if entry is not None else spec.size
+        item = _plan_file(spec, target, size, config, slot_parts, booted_parts)
         if manifest is not None:
             item = _signed(item, manifest)
         items.append(item)
@@ -135,7 +145,14 @@ def _signed(item: FileItem, manifest: Manifest) -> FileItem:
             "target this device's configuration maps the file to",
             file_name=item.spec.name,
         )
-    return replace(item, sha256=entry.sha256, version=entry.version)
+    image_size = entry.size if entry.encoding is not None else None
+    return replace(
+        item,
+        sha256=entry.sha256,
+        version=entry.version,
+        encoding=entry.encoding,
+        image_size=image_size,
+    )
 
 
 def _target_for(spec: FileSpec, config: Config) -> TargetConfig:
@@ -190,6 +207,7 @@ def _refuse_in_use(device: Device, config: Config, file_name: str) -> None:
 def _plan_file(
     spec: FileSpec,
     target: TargetConfig,
+    size: int,
     config: Config,
     slot_parts: dict[str, Device],
     booted_parts: dict[str, Device],
@@ -199,9 +217,9 @@ def _plan_file(
         device = slot_parts.get(target.part)
         if device is None:
             raise PlanError(f"the slots have no part {target.part!r}", file_name=spec.name)
-        if spec.size > device.size:
+        if size > device.size:
             raise PlanError(
-                f"{spec.size} bytes do not fit {device.describe()} ({device.size} bytes)",
+                f"{size} bytes do not fit {device.describe()} ({device.size} bytes)",
                 file_name=spec.name,
             )
         _refuse_booted(device, booted_parts, spec.name)
@@ -209,13 +227,13 @@ def _plan_file(
         return FileItem(spec, target, device=device)
     if target.kind == "file":
         assert target.path is not None
-        return FileItem(spec, target, dest=_plan_dest(Path(target.path), spec))
+        return FileItem(spec, target, dest=_plan_dest(Path(target.path), spec, size))
     assert target.program is not None
     _check_hook(target.program, spec.name)
     return FileItem(spec, target, program=target.program)
 
 
-def _plan_dest(dest: Path, spec: FileSpec) -> Path:
+def _plan_dest(dest: Path, spec: FileSpec, size: int) -> Path:
     parent = dest.parent
     try:
         if not parent.is_dir():
@@ -228,9 +246,9 @@ def _plan_dest(dest: Path, spec: FileSpec) -> Path:
             f"cannot inspect {dest}: {err.strerror or err}", file_name=spec.name
         ) from err
     free = st.f_bavail * st.f_frsize
-    if spec.size > free:
+    if size > free:
         raise PlanError(
-            f"{spec.size} bytes do not fit in {parent} ({free} bytes free)", file_name=spec.name
+            f"{size} bytes do not fit in {parent} ({free} bytes free)", file_name=spec.name
         )
     return dest
 

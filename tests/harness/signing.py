@@ -7,17 +7,21 @@ in a directory the ``trusted_dir`` fixture made under /run, never under pytest's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from tests.harness.device import BOARD_MODEL
 from tests.harness.nginx import Docroot
-from updater.bundle import PayloadFile, build_bundle
+from updater.bundle import NO_COMPRESSION, PayloadFile, build_bundle
+from updater.encode import Compression
 from updater.keyring import generate_key, public_key_id
+from updater.manifest import MANIFEST_NAME, Manifest, ManifestFile, manifest_to_json, sign_manifest
 from updater.task import DigestMethod
 
 
@@ -93,6 +97,7 @@ class Vendor:
         sign_method: DigestMethod = "sha256",
         allow_downgrade: bool = False,
         key: Key | None = None,
+        compression: Compression = NO_COMPRESSION,
     ) -> Package:
         """Bundle ``files`` (name, content, target, version) and serve the package.
 
@@ -117,8 +122,51 @@ class Vendor:
             base_url=server.url(prefix),
             sign_method=sign_method,
             allow_downgrade=allow_downgrade,
+            compression=compression,
         )
         for path in sorted(out.iterdir()):
             docroot.add_bytes(f"{prefix}/{path.name}", path.read_bytes())
         task = json.loads((out / "task.json").read_text())
+        return Package(task, docroot.root / prefix, prefix)
+
+    def publish_raw(
+        self,
+        docroot: Docroot,
+        server: Server,
+        entries: Sequence[tuple[ManifestFile, bytes]],
+        *,
+        version: str | None = None,
+    ) -> Package:
+        """Serve ``entries`` (manifest entry, bytes served) exactly as given, under a manifest
+        signed by the vendor's key: what a broken build (or a compromised build machine)
+        publishes, to prove the device does not take the manifest's word for the stream."""
+        prefix = f"raw-{secrets.token_hex(4)}"
+        manifest = Manifest(
+            version=version or "".join(e.version for e, _ in entries),
+            boards=(BOARD,),
+            files=tuple(e for e, _ in entries),
+            created=datetime.now(UTC).replace(microsecond=0),
+        )
+        envelope = sign_manifest(manifest_to_json(manifest), self.key.private_pem)
+        files = [(MANIFEST_NAME, envelope)] + [(e.name, data) for e, data in entries]
+        for name, data in files:
+            docroot.add_bytes(f"{prefix}/{name}", data)
+        task: dict[str, object] = {
+            "code": "1000",
+            "id": 1,
+            "message": "success",
+            "data": {
+                "version": manifest.version,
+                "signMethod": "SHA256",
+                "files": [
+                    {
+                        "fileName": name,
+                        "fileSize": len(data),
+                        "fileUrl": server.url(f"{prefix}/{name}"),
+                        "fileSign": hashlib.sha256(data).hexdigest(),
+                    }
+                    for name, data in files
+                ],
+            },
+        }
         return Package(task, docroot.root / prefix, prefix)
