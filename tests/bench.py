@@ -1,15 +1,23 @@
 """``make bench``: the updater against the strongest plain pipeline, on the same device, same run.
 
 For each image size (1 GiB and 4 GiB by default; ``BENCH_SIZES_MIB=256,1024`` to change), an
-image that is half random, half zeros is served by nginx over HTTPS on 127.0.0.1 and written into
-the same loop device, alternately by:
+image that is half random, half zeros is made into a signed package by the bundle code
+(``manifest.json`` first, then the image, stored uncompressed so that both sides move the same
+bytes), served by nginx over HTTPS on 127.0.0.1 and written into the same loop device,
+alternately by:
 
-- the baseline: ``curl | tee >(sha256sum) | dd conv=fsync`` (what a shell script would do);
-- ``rpi-updater install`` (TLS verified, SHA-256 on the fly, fsync at watermarks, journal).
+- the baseline: ``curl | tee >(sha256sum) | dd conv=fsync`` of the image (what a shell script
+  would do; it checks nothing);
+- ``rpi-updater install`` of the package as a device runs it in production: no
+  ``security.allow_unsigned``, the keyring in a root-owned directory under /run; so each run
+  fetches the manifest, verifies its Ed25519 signature, the board and the task against it, then
+  streams the image (TLS verified, SHA-256 on the fly against the manifest, fsync at
+  watermarks, journal).
 
 Each is run ``BENCH_RUNS`` times (3 by default) and the medians are printed side by side with
 their ratio, plus the updater's CPU time and peak RSS. The machines are noisy: read the ratios.
-Needs root (loop devices) and about 2.5x the largest size in free disk space.
+Needs root (loop devices, the keyring) and about 3x the largest size in free disk space while a
+package is built (the image, its copy in the package, the loop device's backing file).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.harness import LoopDevices, Nginx, make_tls_files
-from tests.harness.device import MiB, build_device, task_for
+from tests.harness.device import MiB, build_device
+from tests.harness.signing import BOARD, Vendor
+from updater.bundle import NO_COMPRESSION, PayloadFile, build_bundle
 
 CHUNK = 4 * MiB
 
@@ -103,11 +113,37 @@ def median(runs: list[Run]) -> Run:
     )
 
 
-def bench_size(size: int, runs: int, work: Path, nginx: Nginx, loops: LoopDevices) -> None:
+def publish(vendor: Vendor, size: int, work: Path, nginx: Nginx) -> tuple[str, str, Path]:
+    """A signed package of one image, in nginx's docroot: the image's URL, its sha256 and the
+    package's directory (``task.json`` is the push)."""
     name = f"rootfs-{size // MiB}.img"
-    image = nginx.root / name
-    print(f"== {size // MiB} MiB image (half random): preparing", flush=True)
-    sha256 = make_image(image, size)
+    source = work / name
+    sha256 = make_image(source, size)
+    prefix = f"pkg-{size // MiB}"
+    package = nginx.root / prefix
+    try:
+        build_bundle(
+            [PayloadFile(source, "rootfs", f"b{size // MiB}")],
+            private_pem=vendor.key.private_pem,
+            out_dir=package,
+            version=f"b{size // MiB}",
+            boards=[BOARD],
+            base_url=nginx.url(prefix),
+            # Stored as is: the baseline streams the same uncompressed bytes.
+            compression=NO_COMPRESSION,
+            # Served by our own nginx, not the IoT Platform's storage (1000 MiB a file).
+            max_file_size=size,
+        )
+    finally:
+        source.unlink()  # the package holds its own copy
+    return nginx.url(f"{prefix}/{name}"), sha256, package
+
+
+def bench_size(
+    size: int, runs: int, work: Path, nginx: Nginx, loops: LoopDevices, vendor: Vendor
+) -> None:
+    print(f"== {size // MiB} MiB image (half random): preparing a signed package", flush=True)
+    url, sha256, package = publish(vendor, size, work, nginx)
     dev_root = work / f"dev-{size // MiB}"
     device = build_device(
         dev_root, loops=loops, ca_file=nginx.ca_file, root_size=size, fill_booted=False
@@ -117,15 +153,17 @@ def bench_size(size: int, runs: int, work: Path, nginx: Nginx, loops: LoopDevice
             "ca_file": str(nginx.ca_file),
             "buffer_size": 1 * MiB,
             "fsync_interval": 64 * MiB,
-        }
+        },
+        # The production default: signatures required (no allow_unsigned).
+        security={"keyring": str(vendor.keyring)},
     )
     target = device.parts["B.root"].path
-    task = device.task_file(task_for([(name, nginx.url(name), size, sha256)], version="bench"))
+    task = package / "task.json"
     ours: list[Run] = []
     theirs: list[Run] = []
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     for i in range(runs):
-        theirs.append(baseline(nginx.url(name), nginx.ca_file, target, size))
+        theirs.append(baseline(url, nginx.ca_file, target, size))
         shutil.rmtree(device.state_dir, ignore_errors=True)  # a fresh install every time
         ours.append(
             timed(
@@ -153,9 +191,10 @@ def bench_size(size: int, runs: int, work: Path, nginx: Nginx, loops: LoopDevice
     print(
         f"{'rpi-updater install':28}{u.wall:9.2f}{mib / u.wall:9.0f}{u.cpu:9.2f}{u.rss_mib:14.1f}"
     )
+    print("  (the updater: signed package, manifest fetched and verified first, keyring required)")
     print(f"ratio updater/baseline (wall): {u.wall / b.wall:.2f}  (target <= 1.10)")
     print(f"ratio updater/baseline (CPU):  {u.cpu / b.cpu:.2f}", flush=True)
-    image.unlink()
+    shutil.rmtree(package)
     loops.detach_all()
 
 
@@ -165,12 +204,19 @@ def main() -> int:
         return 1
     sizes = [int(s) * MiB for s in os.environ.get("BENCH_SIZES_MIB", "1024,4096").split(",")]
     runs = int(os.environ.get("BENCH_RUNS", "3"))
-    with tempfile.TemporaryDirectory(prefix="rpi-bench-", dir="/var/tmp") as tmp:
-        work = Path(tmp)
-        tls = make_tls_files(work / "tls")
-        with Nginx(work / "www", tls, work / "nginx") as nginx, LoopDevices() as loops:
-            for size in sizes:
-                bench_size(size, runs, work, nginx, loops)
+    # The keyring must be root-owned and 0755 all the way up: under /run, not /var/tmp (1777).
+    trusted = Path(tempfile.mkdtemp(prefix="rpi-bench-trusted-", dir="/run"))
+    try:
+        trusted.chmod(0o755)
+        with tempfile.TemporaryDirectory(prefix="rpi-bench-", dir="/var/tmp") as tmp:
+            work = Path(tmp)
+            tls = make_tls_files(work / "tls")
+            vendor = Vendor.create(trusted, work / "vendor")
+            with Nginx(work / "www", tls, work / "nginx") as nginx, LoopDevices() as loops:
+                for size in sizes:
+                    bench_size(size, runs, work, nginx, loops, vendor)
+    finally:
+        shutil.rmtree(trusted, ignore_errors=True)
     return 0
 
 

@@ -220,6 +220,7 @@ def run_demo(work: Path, trusted: Path, nginx: Nginx, proxy: FaultProxy, loops: 
     task_path = pkg / "task.json"
     task = json.loads(task_path.read_text())
     files = task["data"]["files"]
+    served = {f["fileName"]: f["fileSize"] for f in files}
     print(f"\n  uploaded; the task to publish ({task_path.relative_to(work)}), manifest first:")
     for f in files:
         print(f"  {DIM}  {f['fileName']:14}{f['fileSize']:>10} bytes  {f['fileUrl']}{RESET}")
@@ -228,16 +229,17 @@ def run_demo(work: Path, trusted: Path, nginx: Nginx, proxy: FaultProxy, loops: 
     signer = envelope["signatures"][0]["keyid"]
     print(f"  manifest.json: signed by key {signer}, for the boards {body['boards']}:")
     for f in body["files"]:
+        how = f"  (served {f['encoding']})" if f.get("encoding") else ""
         print(
             f"  {DIM}  {f['name']:14}{f['size']:>10} bytes  sha256 {f['sha256'][:16]}...  "
-            f"{f['target']} {f['version']}{RESET}"
+            f"{f['target']} {f['version']}{how}{RESET}"
         )
 
     step("1. the plan: the manifest fetched and verified, every check before a byte is written")
     show(on_device("install", "--dry-run", "pkg/task.json"), work)
 
     step("2. install through a link that drops three times; arm slot B; reboot")
-    size = (build / "rootfs.img").stat().st_size
+    size = served["rootfs.img"]  # the bytes on the wire (compressed, if the bundle did)
     proxy.script(
         Fault(),  # manifest.json
         Fault(),  # boot.img
@@ -309,7 +311,8 @@ def forge(
     """The package as an attacker without the key would make it: another rootfs.img, the
     manifest's payload and the task changed to match it, the signature left as it was."""
     rootfs = bytearray((work / "pkg" / "rootfs.img").read_bytes())
-    rootfs[-MiB:] = os.urandom(MiB)  # "a backdoor"
+    tail = min(MiB, len(rootfs) // 2)
+    rootfs[-tail:] = os.urandom(tail)  # "a backdoor"
     served = nginx.root / "forged"
     shutil.copytree(work / "pkg", served)
     (served / "rootfs.img").write_bytes(rootfs)
@@ -318,8 +321,9 @@ def forge(
     assert isinstance(payload, str)
     body = json.loads(base64.b64decode(payload))
     for f in body["files"]:
-        if f["name"] == "rootfs.img":
-            f["sha256"], f["version"] = sha256, "b2"
+        if f["name"] == "rootfs.img":  # the digest of what is served, compressed or not
+            f["encoded_sha256" if "encoded_sha256" in f else "sha256"] = sha256
+            f["version"] = "b2"
     body["version"] = "a1b2c1"
     envelope = {**envelope, "payload": base64.b64encode(json.dumps(body).encode()).decode()}
     manifest = json.dumps(envelope).encode()

@@ -6,6 +6,7 @@ on the bytes that landed on the slots.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,7 @@ from tests.harness.device import REPO, Device, MiB, build_device, task_for
 from tests.harness.faultproxy import Fault
 from tests.harness.nginx import ServedFile
 from tests.harness.reboot import RebootHarness
+from tests.harness.signing import Key, Vendor
 
 PK, DN = "a1B2c3D4e5F", "pi-0001"
 INFORM = f"/ota/device/inform/{PK}/{DN}"
@@ -523,3 +526,173 @@ def test_a_failure_after_100_percent_is_reported_at_once_and_only_once(
     broker_log.wait_for(INFORM, timeout=20)
     time.sleep(0.5)
     assert steps(broker_log) == [], "not reported again after a restart"
+
+
+# -- signed packages ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vendor(device: Device, trusted_dir: Path, tmp_path: Path) -> Vendor:
+    """A vendor whose keyring the daemon trusts, with the production default: signatures
+    required (no security.allow_unsigned). The health checks move to their own directory so
+    that the keyring is not taken for one."""
+    health = trusted_dir / "health.d"
+    health.mkdir(mode=0o755)
+    (trusted_dir / "10-ok").rename(health / "10-ok")
+    signer = Vendor.create(trusted_dir, tmp_path / "vendor")
+    device.write_config(
+        security={"keyring": str(signer.keyring)},
+        health={"system_running": False, "directory": str(health)},
+    )
+    return signer
+
+
+def signed_payload(n: int) -> list[tuple[str, bytes, str, str]]:
+    """Package number n as the vendor builds it: (name, content, target, version)."""
+    return [
+        ("boot.img", os.urandom(1 * MiB), "boot", f"a{n}"),
+        ("rootfs.img", os.urandom(2 * MiB), "rootfs", f"b{n}"),
+        ("app.conf", f"version = {n}\n".encode(), "config", f"c{n}"),
+    ]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def state_record(device: Device) -> dict[str, Any]:
+    data = json.loads((device.state_dir / "state.json").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def wait_reboot_request(harness: RebootHarness, daemon: Daemon, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not harness.reboot_requests():
+        assert daemon.alive(), daemon.text()
+        assert time.monotonic() < deadline, daemon.text()
+        time.sleep(0.05)
+
+
+def assert_installed(
+    device: Device, files: list[tuple[str, bytes, str, str]], n: int, key: Key
+) -> None:
+    """Package n is armed in slot B: its bytes on B, its file target, the manifest's versions
+    and the envelope ``key`` signed, kept for a resume."""
+    boot, rootfs, conf = (content for _, content, _, _ in files)
+    assert device.parts["B.boot"].read(len(boot)) == boot
+    assert device.parts["B.root"].read(len(rootfs)) == rootfs
+    assert (device.etc / "app.conf").read_bytes() == conf
+    record = state_record(device)
+    assert (record["state"], record["version"], record["slot"]) == ("armed", f"a{n}b{n}c{n}", "B")
+    assert record["pending_versions"] == {"boot": f"a{n}", "rootfs": f"b{n}", "config": f"c{n}"}
+    envelope = json.loads(str(record["manifest"]))
+    assert [s["keyid"] for s in envelope["signatures"]] == [key.key_id]
+
+
+def test_a_signed_push_is_verified_installed_and_reported_up_to_100(
+    device: Device,
+    harness: RebootHarness,
+    vendor: Vendor,
+    docroot: Docroot,
+    nginx: Nginx,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+) -> None:
+    security = device.config["security"]
+    assert security == {"keyring": str(vendor.keyring)}, "signatures required, as in production"
+    files = signed_payload(1)
+    package = vendor.publish(docroot, nginx, files)
+    daemon = start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+
+    broker_log.publish(UPGRADE, package.task)
+
+    wait_step(broker_log, 100)
+    wait_reboot_request(harness, daemon)
+    sequence = [s for s, _ in steps(broker_log)]
+    assert sequence[0] == 0 and sequence[-1] == 100, sequence
+    assert sequence == sorted(set(sequence)), "strictly increasing, no negative step"
+    assert all(s % 5 == 0 for s in sequence), sequence
+    assert all(desc == "" for _, desc in steps(broker_log))
+    assert harness.reboot_requests() == ["0 tryboot"]
+    assert_installed(device, files, 1, vendor.key)
+    status = json.loads(device.run("status", "--json").stdout)
+    assert status["state"] == "armed" and status["update"]["version"] == "a1b1c1"
+    assert daemon.alive(), daemon.text()
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("case", ["unknown-key", "tampered-rootfs"])
+def test_a_refused_signed_push_is_reported_once_and_a_good_one_installs_after_it(
+    device: Device,
+    harness: RebootHarness,
+    vendor: Vendor,
+    docroot: Docroot,
+    nginx: Nginx,
+    broker_log: Recorder,
+    daemons: list[Daemon],
+    case: str,
+) -> None:
+    daemon = start(device, daemons)
+    broker_log.wait_for(INFORM, timeout=20)
+    files = signed_payload(1)
+    if case == "unknown-key":
+        stranger = Key.new()
+        bad = vendor.publish(docroot, nginx, files, key=stranger)
+        desc = (
+            f"no trusted key signed this manifest (signed by '{stranger.key_id}'; "
+            f"trusted: {vendor.key.key_id})"
+        )
+    else:
+        bad = vendor.publish(docroot, nginx, files)
+        evil = os.urandom(len(files[1][1]))  # same size: only the digest can tell
+        docroot.add_bytes(f"{bad.prefix}/rootfs.img", evil)
+        desc = (
+            f"rootfs.img: sha256 digest mismatch: got {sha256(evil)}, "
+            f"the task says {sha256(files[1][1])}"
+        )
+    before = device.snapshot()
+
+    broker_log.publish(UPGRADE, bad.task)
+
+    failure = wait_step(broker_log, -3)
+    assert failure["params"] == {"step": "-3", "desc": desc}
+    if case == "unknown-key":
+        assert steps(broker_log) == [(-3, desc)], "refused before the download: no step 0"
+        assert device.snapshot() == before, "a slot was written"
+        assert not (device.state_dir / "state.json").exists(), "refused, yet a state was kept"
+        assert not (device.state_dir / "journal.json").exists()
+    else:
+        sequence = [s for s, _ in steps(broker_log)]
+        assert sequence[0] == 0 and sequence[-1] == -3, sequence
+        now = device.snapshot()
+        assert (now["A.boot"], now["A.root"]) == (before["A.boot"], before["A.root"])
+        # The step goes out from the failing download; the rollback and the record follow,
+        # marked as reported (a restart must not report it again).
+        deadline = time.monotonic() + 10
+        while not state_record(device)["last_result"].get("reported"):
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.05)
+        record = state_record(device)
+        assert record["state"] == "idle"
+        last = record["last_result"]
+        assert isinstance(last, dict)
+        assert (last["result"], last["step"], last["reason"]) == ("failed", -3, desc)
+    assert not (device.etc / "app.conf").exists(), "the file target was written"
+    time.sleep(0.5)
+    assert daemon.alive(), daemon.text()
+    assert harness.reboot_requests() == []
+    assert desc in daemon.text()
+
+    good_files = signed_payload(2)
+    good = vendor.publish(docroot, nginx, good_files)
+    broker_log.publish(UPGRADE, good.task)
+
+    wait_step(broker_log, 100)
+    wait_reboot_request(harness, daemon)
+    negative = [(s, d) for s, d in steps(broker_log) if s < 0]
+    assert negative == [(-3, desc)], "the refusal is reported once"
+    assert harness.reboot_requests() == ["0 tryboot"]
+    assert_installed(device, good_files, 2, vendor.key)
+    assert daemon.stop() == 0

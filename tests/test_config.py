@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from updater.config import (
     DownloadConfig,
     HooksConfig,
     PartSpec,
+    SecurityConfig,
     SlotConfig,
     SystemConfig,
     TargetConfig,
@@ -242,6 +244,109 @@ def test_cross_field_download_rules_accept_consistent_values() -> None:
     )
     download = parse_config(data, SRC).download
     assert (download.buffer_size, download.fsync_interval) == (196608, 19660800)
+
+
+# --------------------------------------------------------------------------- security, system.model
+
+
+def test_security_defaults_are_the_strict_ones() -> None:
+    config = parse_config(edited({}), SRC)
+    assert config.security == SecurityConfig(
+        keyring="/etc/rpi-updater/keyring",
+        allow_unsigned=False,
+        allow_downgrade=False,
+        digestsign_key=None,
+        allowed_hosts=(),
+    )
+    assert config.system.model == "/proc/device-tree/model"
+    assert parse_config(edited({"security": None}), SRC).security == config.security
+    assert parse_config(edited({"security": {}}), SRC).security == config.security
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("keyring", "/data/vendor/keys", "/data/vendor/keys"),
+        ("allow_unsigned", True, True),
+        ("allow_unsigned", False, False),
+        ("allow_downgrade", True, True),
+        ("allow_downgrade", False, False),
+        ("digestsign_key", "/etc/rpi-updater/product.pem", "/etc/rpi-updater/product.pem"),
+        ("digestsign_key", None, None),
+        ("allowed_hosts", [], ()),
+        ("allowed_hosts", ["ota.example.com"], ("ota.example.com",)),
+        (
+            "allowed_hosts",
+            ["OTA.Example.COM", "*.CDN.example.com", "127.0.0.1", "a-b.x1.io"],
+            ("ota.example.com", "*.cdn.example.com", "127.0.0.1", "a-b.x1.io"),
+        ),
+        ("allowed_hosts", ["*.com", f"{'a' * 63}.com"], ("*.com", f"{'a' * 63}.com")),
+    ],
+    ids=repr,
+)
+def test_each_security_key_parses(key: str, value: object, expected: object) -> None:
+    security = parse_config(edited({"security": {key: value}}), SRC).security
+    changes: dict[str, Any] = {key: expected}
+    assert security == replace(SecurityConfig(), **changes)
+    assert type(getattr(security, key)) is type(expected)
+
+
+SECURITY_YAML = """\
+security:
+  keyring: /data/vendor/keys
+  allow_unsigned: true
+  allow_downgrade: true
+  digestsign_key: /data/vendor/product.pem
+  allowed_hosts: [ota.example.com, "*.cdn.example.com"]
+system: {model: /run/model}
+"""
+
+
+def test_security_section_and_model_from_yaml(tmp_path: Path) -> None:
+    text = MINIMAL_YAML + SECURITY_YAML
+    config = load_config(write(tmp_path, text))
+    assert config.security == SecurityConfig(
+        keyring="/data/vendor/keys",
+        allow_unsigned=True,
+        allow_downgrade=True,
+        digestsign_key="/data/vendor/product.pem",
+        allowed_hosts=("ota.example.com", "*.cdn.example.com"),
+    )
+    assert config.system == SystemConfig(model="/run/model")
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a b",
+        "http://x",
+        "*",
+        "*.",
+        "-a.com",
+        "a-.com",
+        "a..com",
+        ".example.com",
+        "ota.example.com:443",
+        "ota.example.com/",
+        "user@ota.example.com",
+        "*.*.example.com",
+        "a.*.example.com",
+        "*example.com",
+        "ex_ample.com",
+        f"{'a' * 64}.com",
+        ".".join(["a" * 63] * 4) + ".com",  # 257 characters
+        "ünï.example.com",
+    ],
+    ids=repr,
+)
+def test_allowed_hosts_entries_are_host_names_or_wildcards(host: str) -> None:
+    data = edited({"security": {"allowed_hosts": ["ota.example.com", host]}})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, SRC)
+    assert caught.value.key == "security.allowed_hosts[1]"
+    assert str(caught.value) == (
+        f"{SRC}: security.allowed_hosts[1]: {host.lower()!r} is not a host name or *.domain"
+    )
 
 
 # --------------------------------------------------------------------------- broken configurations
@@ -523,6 +628,85 @@ BROKEN: list[Any] = [
     pytest.param({"system": {"cmdline": "cmdline"}}, "system.cmdline", id="cmdline-relative"),
     pytest.param({"system": {"mountinfo": ""}}, "system.mountinfo", id="mountinfo-empty"),
     pytest.param({"system": {"devicetree": "/x"}}, "system.devicetree", id="system-unknown"),
+    pytest.param({"system": {"model": "model"}}, "system.model", id="model-relative"),
+    pytest.param({"system": {"model": None}}, "system.model", id="model-null"),
+    pytest.param({"system": {"model": ["/x"]}}, "system.model", id="model-list"),
+    # security
+    pytest.param({"security": ["allow_unsigned"]}, "security", id="security-not-mapping"),
+    pytest.param({"security": True}, "security", id="security-boolean"),
+    pytest.param({"security": {"signed": True}}, "security.signed", id="security-unknown"),
+    pytest.param(
+        {"security": {"allow_unsigend": True}}, "security.allow_unsigend", id="security-typo"
+    ),
+    pytest.param({"security": {"keyring": "keyring"}}, "security.keyring", id="keyring-relative"),
+    pytest.param({"security": {"keyring": "/etc/k/"}}, "security.keyring", id="keyring-slash"),
+    pytest.param({"security": {"keyring": None}}, "security.keyring", id="keyring-null"),
+    pytest.param({"security": {"keyring": 7}}, "security.keyring", id="keyring-integer"),
+    pytest.param({"security": {"keyring": ["/a"]}}, "security.keyring", id="keyring-list"),
+    pytest.param(
+        {"security": {"allow_unsigned": "yes"}}, "security.allow_unsigned", id="unsigned-string"
+    ),
+    pytest.param({"security": {"allow_unsigned": 1}}, "security.allow_unsigned", id="unsigned-int"),
+    pytest.param(
+        {"security": {"allow_unsigned": None}}, "security.allow_unsigned", id="unsigned-null"
+    ),
+    pytest.param(
+        {"security": {"allow_downgrade": "false"}},
+        "security.allow_downgrade",
+        id="downgrade-string",
+    ),
+    pytest.param(
+        {"security": {"allow_downgrade": 0}}, "security.allow_downgrade", id="downgrade-int"
+    ),
+    pytest.param(
+        {"security": {"allow_downgrade": 1.0}}, "security.allow_downgrade", id="downgrade-float"
+    ),
+    pytest.param(
+        {"security": {"digestsign_key": "product.pem"}},
+        "security.digestsign_key",
+        id="digestsign_key-relative",
+    ),
+    pytest.param(
+        {"security": {"digestsign_key": True}},
+        "security.digestsign_key",
+        id="digestsign_key-boolean",
+    ),
+    pytest.param(
+        {"security": {"digestsign_key": ""}}, "security.digestsign_key", id="digestsign_key-empty"
+    ),
+    pytest.param(
+        {"security": {"allowed_hosts": "ota.example.com"}},
+        "security.allowed_hosts",
+        id="allowed_hosts-string",
+    ),
+    pytest.param(
+        {"security": {"allowed_hosts": {"ota.example.com": True}}},
+        "security.allowed_hosts",
+        id="allowed_hosts-mapping",
+    ),
+    pytest.param(
+        {"security": {"allowed_hosts": None}}, "security.allowed_hosts", id="allowed_hosts-null"
+    ),
+    pytest.param(
+        {"security": {"allowed_hosts": ["a.com", 5]}},
+        "security.allowed_hosts[1]",
+        id="allowed_hosts-integer-entry",
+    ),
+    pytest.param(
+        {"security": {"allowed_hosts": [None]}},
+        "security.allowed_hosts[0]",
+        id="allowed_hosts-null-entry",
+    ),
+    pytest.param(
+        {"security": {"allowed_hosts": [""]}},
+        "security.allowed_hosts[0]",
+        id="allowed_hosts-empty-entry",
+    ),
+    pytest.param(
+        {"security": {"allowed_hosts": [["a.com"]]}},
+        "security.allowed_hosts[0]",
+        id="allowed_hosts-nested-list",
+    ),
 ]
 
 
@@ -556,8 +740,38 @@ def test_top_level_must_be_a_mapping_with_string_keys(data: object) -> None:
         ({"slots.B.root": "PARTUUID=1234abcd-05"}, "same PARTUUID 1234abcd-05 as slots.A.root"),
         ({"targets[1].match": "boot.img"}, "'boot.img' is already claimed by targets[0]"),
         ({"slots.A.root": "UUID=1234-abcd"}, "use PARTUUID="),
+        (
+            {"security": {"allow_unsigned": "yes"}},
+            "security.allow_unsigned: must be true or false, not a string",
+        ),
+        ({"security": {"allow_unsigend": True}}, "did you mean 'allow_unsigned'?"),
+        (
+            {"security": {"allowed_hosts": "ota.example.com"}},
+            "security.allowed_hosts: must be a list of host names, not a string",
+        ),
+        (
+            {"security": {"allowed_hosts": [5]}},
+            "security.allowed_hosts[0]: must be a string, not an integer (5); quote it",
+        ),
+        ({"security": {"keyring": "keys"}}, "'keys' is relative; relative paths are refused"),
+        ({"system": {"model": None}}, "system.model: must be a string, not empty (null)"),
     ],
-    ids=["file", "device", "boolean", "typo", "case", "clash", "claim", "fs-uuid"],
+    ids=[
+        "file",
+        "device",
+        "boolean",
+        "typo",
+        "case",
+        "clash",
+        "claim",
+        "fs-uuid",
+        "security-bool",
+        "security-typo",
+        "hosts-not-list",
+        "hosts-entry-int",
+        "keyring-relative",
+        "model-null",
+    ],
 )
 def test_messages_say_why(edits: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -669,6 +883,28 @@ def test_any_value_anywhere_is_accepted_or_a_config_error(path: str, junk: objec
         parse_config(edited({path: junk}), SRC)
     except ConfigError as err:
         assert err.path == SRC
+
+
+SECURITY_KEYS = ["keyring", "allow_unsigned", "allow_downgrade", "digestsign_key", "allowed_hosts"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.sampled_from(SECURITY_KEYS), junk=JUNK)
+def test_any_security_value_is_accepted_or_a_config_error_naming_it(key: str, junk: object) -> None:
+    try:
+        config = parse_config(edited({"security": {key: junk}}), SRC)
+    except ConfigError as err:
+        assert err.path == SRC
+        assert err.key == f"security.{key}" or err.key.startswith(f"security.{key}[")
+    else:
+        value = getattr(config.security, key)
+        if key == "allowed_hosts":
+            assert isinstance(value, tuple)
+            assert all(isinstance(h, str) and h == h.lower() for h in value)
+        elif key == "digestsign_key":
+            assert value is None or (isinstance(value, str) and value.startswith("/"))
+        else:
+            assert type(value) is type(getattr(SecurityConfig(), key))
 
 
 # --------------------------------------------------------------------------- match_target

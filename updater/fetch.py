@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import pycurl
 
@@ -55,6 +55,8 @@ TRANSIENT_CURL_ERRORS = frozenset(
     }
 )
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
@@ -171,9 +173,9 @@ class Transfer:
         c = pycurl.Curl()
         c.setopt(pycurl.URL, self.url)
         c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTPS)
-        c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTPS)
-        c.setopt(pycurl.FOLLOWLOCATION, 1)
-        c.setopt(pycurl.MAXREDIRS, 5)
+        # Redirects are followed by _attempt, not libcurl: each hop's URL, as libcurl resolves
+        # it, is checked (https, an allowed host) before a request goes there.
+        c.setopt(pycurl.FOLLOWLOCATION, 0)
         c.setopt(pycurl.SSL_VERIFYPEER, 1)
         c.setopt(pycurl.SSL_VERIFYHOST, 2)
         if s.ca_file:
@@ -245,10 +247,42 @@ class Transfer:
         return self.stats
 
     def _attempt(self, receiver: Receiver) -> None:
-        """One HTTP request from the receiver's offset."""
+        """One HTTP request from the receiver's offset, following redirects (each checked)."""
         self.stats.attempts += 1
+        url = self.url
+        for _ in range(MAX_REDIRECTS + 1):
+            location = self._request(url, receiver)
+            if location is None:
+                return
+            url = self._redirect_target(location, receiver)
+        raise DownloadError(
+            f"more than {MAX_REDIRECTS} redirects",
+            url=self.url,
+            offset=receiver.offset,
+            file_name=self.file_name,
+        )
+
+    def _redirect_target(self, location: str, receiver: Receiver) -> str:
+        parts = urlsplit(location)
+        host = parts.hostname or ""
+        if parts.scheme.lower() != "https":
+            why = f"to {parts.scheme or 'a relative'} URL, not https"
+        elif not self.host_allowed(host):
+            why = f"to {host!r}, not an allowed host"
+        else:
+            return location
+        raise DownloadError(
+            f"the server redirects {why}",
+            url=self.url,
+            offset=receiver.offset,
+            file_name=self.file_name,
+        )
+
+    def _request(self, url: str, receiver: Receiver) -> str | None:
+        """One request of ``url``; the redirect target (as libcurl resolves it) or None."""
         attempt = _Attempt(self, receiver)
         c = self._curl
+        c.setopt(pycurl.URL, url)
         headers = []
         if receiver.offset > 0:
             c.setopt(pycurl.RANGE, f"{receiver.offset}-")
@@ -276,6 +310,11 @@ class Transfer:
             c.setopt(pycurl.WRITEFUNCTION, _ignore)
         if attempt.failure is not None:
             raise attempt.failure
+        if attempt.redirect:
+            location = c.getinfo(pycurl.REDIRECT_URL)
+            if not location:
+                raise attempt.error(f"HTTP {attempt.status} without a Location")
+            return str(location)
         attempt.check_status()  # a body-less answer (416, 503 with no body) lands here
         if receiver.offset < attempt.promised_end:
             raise TransientDownloadError(
@@ -285,6 +324,7 @@ class Transfer:
                 file_name=self.file_name,
             )
         # A 206 may cover less than asked (RFC 9110): the loop asks for the rest at once.
+        return None
 
 
 def _ignore(data: bytes) -> None:
@@ -319,22 +359,16 @@ class _Attempt:
             self.headers = {}  # a new response (after a redirect or a 100)
         elif ":" in text:
             name, value = text.split(":", 1)
-            name = name.strip().lower()
-            self.headers[name] = value.strip()
-            if name == "location" and 300 <= self.status < 400:
-                return self._check_redirect(value.strip())
+            self.headers[name.strip().lower()] = value.strip()
         return None
 
-    def _check_redirect(self, location: str) -> int | None:
-        """A redirect may only lead to a host ``security.allowed_hosts`` admits (libcurl
-        follows it as soon as the headers end, so it is refused here, before the request)."""
-        host = urlsplit(urljoin(self.t.url, location)).hostname or ""
-        if self.t.host_allowed(host):
-            return None
-        self.failure = self.error(f"the server redirects to {host!r}, not an allowed host")
-        return 0  # anything but None makes libcurl abort the transfer
+    @property
+    def redirect(self) -> bool:
+        return self.status in REDIRECTS
 
     def body(self, data: bytes) -> int | None:
+        if self.redirect:
+            return None  # a redirect's own body is not the file
         try:
             if not self.decided:
                 self.check_status()

@@ -23,7 +23,7 @@ from updater.config import Config
 from updater.errors import ManifestError, PlanError
 from updater.plan import InstallPlan
 
-_RUN = re.compile(r"\d+|\D+")
+_RUN = re.compile(r"[0-9]+|[^0-9]+")  # ASCII digits: str.isdigit() also takes "²"
 
 
 def file_versions(plan: InstallPlan, config: Config) -> dict[str, str]:
@@ -97,7 +97,8 @@ def check_package_version(
 def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
     """Sort key of the natural order: digit runs compare as numbers and before text."""
     return tuple(
-        (0, int(run), "") if run.isdigit() else (1, 0, run) for run in _RUN.findall(version)
+        (0, int(run), "") if run[0] in "0123456789" else (1, 0, run)
+        for run in _RUN.findall(version)
     )
 
 

@@ -4,7 +4,9 @@ The downloader is tested against the server it meets in the field: real ETags, r
 handling, sendfile. Each instance has its own prefix, config, pid, logs and temp paths under a
 work directory, runs in the foreground (``daemon off;``) as our child, and keeps its two ports
 across ``stop()``/``start()`` so a test can take the server away for a few seconds and bring it
-back at the same URL.
+back at the same URL. Under ``/redirect...`` the HTTPS server answers with 302 redirects (to
+another host name of itself, scheme-relative, to plain HTTP, or to any given ``Location``): see
+:meth:`Nginx.redirect_url` and its siblings; every other path is served as before.
 """
 
 from __future__ import annotations
@@ -63,6 +65,23 @@ http {{
         ssl_protocols TLSv1.2 TLSv1.3;
         root {root};
         location / {{ }}
+
+        # Redirects, for the download host allowlist (see Nginx.redirect_url): this server is
+        # both 127.0.0.1 and localhost, so a redirect it follows fetches the same docroot.
+        location ~ ^/redirect/([^/]+)/(.*)$ {{
+            return 302 https://$1:{port}/$2;
+        }}
+        location ~ ^/redirect-relative/([^/]+)/(.*)$ {{
+            absolute_redirect off;
+            return 302 //$1:{port}/$2;
+        }}
+        location ~ ^/redirect-http/(.*)$ {{
+            return 302 http://127.0.0.1:{plain_port}/$1;
+        }}
+        location = /redirect-to {{
+            absolute_redirect off;
+            return 302 $arg_to;
+        }}
     }}
 
     server {{
@@ -131,11 +150,31 @@ class Nginx:
         self.plain_port = free_port()
         self.conf_file = work_dir / "nginx.conf"
         self.error_log = work_dir / "error.log"
+        self.access_log = work_dir / "access.log"
         self._process: subprocess.Popen[bytes] | None = None
 
     def url(self, name: str) -> str:
         """The HTTPS URL of ``name`` in the docroot (what the device would be told)."""
         return f"https://127.0.0.1:{self.port}/{name.lstrip('/')}"
+
+    def redirect_url(self, host: str, name: str) -> str:
+        """An HTTPS URL of this server that answers 302 to ``name`` on ``host`` (this server's
+        port): ``https://127.0.0.1:P/redirect/localhost/x`` -> ``https://localhost:P/x``.
+        Redirects chain: ``name`` may itself be a ``redirect/<host>/...`` path."""
+        return self.url(f"redirect/{host}/{name.lstrip('/')}")
+
+    def relative_redirect_url(self, host: str, name: str) -> str:
+        """As :meth:`redirect_url`, with a scheme-relative ``Location: //host:P/name``."""
+        return self.url(f"redirect-relative/{host}/{name.lstrip('/')}")
+
+    def http_redirect_url(self, name: str) -> str:
+        """An HTTPS URL that answers 302 to ``name`` over plain HTTP on 127.0.0.1."""
+        return self.url(f"redirect-http/{name.lstrip('/')}")
+
+    def raw_redirect_url(self, location: str) -> str:
+        """An HTTPS URL that answers 302 with exactly ``Location: <location>`` (which must not
+        need percent-encoding in a query string: no spaces, '&', '#' or '%')."""
+        return self.url(f"redirect-to?to={location}")
 
     def plain_url(self, name: str) -> str:
         """The plain-HTTP URL of ``name``; meant for the fault proxy, not for the client."""
