@@ -37,6 +37,7 @@ from tests.harness import LoopDevices, Nginx, make_tls_files
 from tests.harness.device import MiB, build_device
 from tests.harness.signing import BOARD, Vendor
 from updater.bundle import NO_COMPRESSION, PayloadFile, build_bundle
+from updater.encode import Compression
 
 CHUNK = 4 * MiB
 
@@ -176,14 +177,7 @@ def bench_size(
             f"   run {i + 1}: baseline {theirs[-1].wall:.2f} s, updater {ours[-1].wall:.2f} s",
             flush=True,
         )
-    got = hashlib.sha256()
-    with target.open("rb") as f:
-        remaining = size
-        while remaining:
-            block = f.read(min(CHUNK, remaining))
-            got.update(block)
-            remaining -= len(block)
-    assert got.hexdigest() == sha256, "the device does not hold the image"
+    assert device_sha256(target, size) == sha256, "the device does not hold the image"
     b, u = median(theirs), median(ours)
     mib = size / MiB
     print(f"{'':28}{'wall s':>9}{'MiB/s':>9}{'CPU s':>9}{'peak RSS MiB':>14}")
@@ -198,12 +192,173 @@ def bench_size(
     loops.detach_all()
 
 
+# -- compressed: a 2 GiB ext4 image in zstd frames against curl | zstd -d | dd ------------------
+
+
+def make_ext4_image(path: Path, size: int, work: Path) -> str:
+    """A real root filesystem image: ext4, filled to about 40 % with copies of /usr (text and
+    binaries, what a rootfs holds) and 5 % random data, the rest free (zeros). Returns its
+    sha256."""
+    with path.open("wb") as f:
+        f.truncate(size)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(path)],
+        check=True,
+    )
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(path), str(mnt)], check=True)
+    try:
+        budget = int(size * 0.40)
+        copied = 0
+        for top in ("/usr/share", "/usr/lib", "/usr/bin"):
+            for src in sorted(Path(top).rglob("*")):
+                if copied >= budget:
+                    break
+                if src.is_symlink() or not src.is_file():
+                    continue
+                try:
+                    n = src.stat().st_size
+                    if n > 64 * MiB:
+                        continue
+                    dest = mnt / src.relative_to("/")
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dest)
+                except OSError:
+                    continue
+                copied += n
+        with (mnt / "random.bin").open("wb") as f:
+            for _ in range(int(size * 0.05) // CHUNK):
+                f.write(os.urandom(CHUNK))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def zstd_baseline(url: str, ca: Path, device: Path, *, check: bool = False) -> Run:
+    """``curl | zstd -d | dd`` (the issue's baseline); with ``check``, the image's sha256 is
+    computed on the way too, as the updater does (it also hashes what it downloaded)."""
+    script = (
+        "set -euo pipefail; "
+        f"curl -sS --fail --cacert {ca} {url} "
+        "| zstd -d -q "
+        + ("| tee >(sha256sum > /dev/null) " if check else "")
+        + f"| dd of={device} bs=1M iflag=fullblock conv=fsync status=none"
+    )
+    return timed(["bash", "-c", script])
+
+
+def bench_compressed(
+    size: int, runs: int, work: Path, nginx: Nginx, loops: LoopDevices, vendor: Vendor
+) -> None:
+    print(f"== {size // MiB} MiB ext4 image, zstd: preparing a signed package", flush=True)
+    name = "rootfs.img"
+    source = work / name
+    sha256 = make_ext4_image(source, size, work)
+    prefix = f"zst-{size // MiB}"
+    package = nginx.root / prefix
+    try:
+        result = build_bundle(
+            [PayloadFile(source, "rootfs", "b1")],
+            private_pem=vendor.key.private_pem,
+            out_dir=package,
+            version="b1",
+            boards=[BOARD],
+            base_url=nginx.url(prefix),
+            compression=Compression("zstd"),  # bundle's default: level 3, 4 MiB frames
+        )
+    finally:
+        source.unlink()
+    served = (package / name).stat().st_size
+    assert result.manifest.files[0].encoding == "zstd"
+    print(f"   {size // MiB} MiB image -> {served / MiB:.0f} MiB of zstd frames", flush=True)
+    device = build_device(
+        work / f"dev-zst-{size // MiB}",
+        loops=loops,
+        ca_file=nginx.ca_file,
+        root_size=size,
+        fill_booted=False,
+    )
+    device.write_config(
+        download={
+            "ca_file": str(nginx.ca_file),
+            "buffer_size": 1 * MiB,
+            "fsync_interval": int(os.environ.get("BENCH_FSYNC_MIB", "64")) * MiB,
+        },
+        security={"keyring": str(vendor.keyring)},
+    )
+    target = device.parts["B.root"].path
+    url = nginx.url(f"{prefix}/{name}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    ours: list[Run] = []
+    theirs: list[Run] = []
+    checked: list[Run] = []
+
+    def updater() -> Run:
+        shutil.rmtree(device.state_dir, ignore_errors=True)  # a fresh install every time
+        return timed(
+            device.command("install", str(package / "task.json"), "--progress", "none"),
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+
+    # Untimed: the first writes to the loop device's backing file allocate its blocks, and
+    # whichever side ran first would pay for that.
+    zstd_baseline(url, nginx.ca_file, target)
+    for i in range(runs):
+        # Alternate who goes first: the page cache and the disk's write-back favour neither.
+        if i % 2:
+            ours.append(updater())
+            theirs.append(zstd_baseline(url, nginx.ca_file, target))
+        else:
+            theirs.append(zstd_baseline(url, nginx.ca_file, target))
+            ours.append(updater())
+        checked.append(zstd_baseline(url, nginx.ca_file, target, check=True))
+        print(
+            f"   run {i + 1}: baseline {theirs[-1].wall:.2f} s, with sha256sum "
+            f"{checked[-1].wall:.2f} s, updater {ours[-1].wall:.2f} s",
+            flush=True,
+        )
+    ours.append(updater())  # the device must end up holding the updater's work
+    assert device_sha256(target, size) == sha256, "the device does not hold the image"
+    b, u = median(theirs), median(ours)
+    mib = size / MiB
+    print(f"{'':28}{'wall s':>9}{'MiB/s':>9}{'CPU s':>9}{'peak RSS MiB':>14}")
+    c = median(checked)
+    print(f"{'curl|zstd -d|dd':28}{b.wall:9.2f}{mib / b.wall:9.0f}{b.cpu:9.2f}{'-':>14}")
+    print(f"{'curl|zstd -d|tee(sha)|dd':28}{c.wall:9.2f}{mib / c.wall:9.0f}{c.cpu:9.2f}{'-':>14}")
+    print(
+        f"{'rpi-updater install':28}{u.wall:9.2f}{mib / u.wall:9.0f}{u.cpu:9.2f}{u.rss_mib:14.1f}"
+    )
+    print("  (MiB/s of image; the updater also checks the transfer's and the image's SHA-256)")
+    print(f"ratio updater/baseline (wall): {u.wall / b.wall:.2f}  (target <= 1.10)")
+    print(f"ratio updater/baseline (CPU):  {u.cpu / b.cpu:.2f}", flush=True)
+    shutil.rmtree(package)
+    loops.detach_all()
+
+
+def device_sha256(target: Path, size: int) -> str:
+    got = hashlib.sha256()
+    with target.open("rb") as f:
+        remaining = size
+        while remaining:
+            block = f.read(min(CHUNK, remaining))
+            got.update(block)
+            remaining -= len(block)
+    return got.hexdigest()
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("bench: needs root for loop devices", file=sys.stderr)
         return 1
-    sizes = [int(s) * MiB for s in os.environ.get("BENCH_SIZES_MIB", "1024,4096").split(",")]
+    sizes = [int(s) * MiB for s in os.environ.get("BENCH_SIZES_MIB", "1024,4096").split(",") if s]
     runs = int(os.environ.get("BENCH_RUNS", "3"))
+    zstd_size = int(os.environ.get("BENCH_ZSTD_MIB", "2048")) * MiB
     # The keyring must be root-owned and 0755 all the way up: under /run, not /var/tmp (1777).
     trusted = Path(tempfile.mkdtemp(prefix="rpi-bench-trusted-", dir="/run"))
     try:
@@ -215,6 +370,8 @@ def main() -> int:
             with Nginx(work / "www", tls, work / "nginx") as nginx, LoopDevices() as loops:
                 for size in sizes:
                     bench_size(size, runs, work, nginx, loops, vendor)
+                if zstd_size:
+                    bench_compressed(zstd_size, runs, work, nginx, loops, vendor)
     finally:
         shutil.rmtree(trusted, ignore_errors=True)
     return 0

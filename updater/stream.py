@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from updater.sinks import Sink
 
 READ_BACK_CHUNK = 4 << 20
-QUEUE_DEPTH = 2
+QUEUE_DEPTH = 2  # buffers waiting at each stage (hasher, writer)
+BUFFERS = 2 * QUEUE_DEPTH  # besides the one being filled
 
 
 def new_hasher(method: str) -> hashlib._Hash:
@@ -97,11 +98,29 @@ class FileStream:
         self._fill = 0
         self._buf_start = 0
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(QUEUE_DEPTH):
+        for _ in range(BUFFERS):
             self._free.put(bytearray(buffer_size))
+        # Three stages, each on its own thread: the caller fills buffers, the hasher hashes
+        # them, the writer writes them. Hashing and writing are the two heavy parts; on their
+        # own threads they overlap (hashlib and pwrite release the GIL).
+        self._hash_queue: queue.Queue[_Item] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._error: BaseException | None = None
         self._unsynced = 0
+        # Watermark syncs run on a thread of their own, so that the writer (and the download
+        # behind it) goes on while the kernel writes the last interval back: a blocking sync
+        # every interval would stall the whole pipeline for as long as the disk takes.
+        self._sync_lock = threading.Lock()  # durable and on_durable, in order
+        self._sync_wanted = threading.Condition()
+        self._sync_request: tuple[int, int] | None = None  # (generation, offset)
+        self._generation = 0  # bumped by restart(): a sync from before it must not count
+        self._stopping = False
+        self._syncer = threading.Thread(target=self._sync_loop, name=f"syncer:{file_name}")
+        self._syncer.daemon = True
+        self._syncer.start()
+        self._hash_thread = threading.Thread(target=self._hasher, name=f"hasher:{file_name}")
+        self._hash_thread.daemon = True
+        self._hash_thread.start()
         self._thread = threading.Thread(target=self._writer, name=f"writer:{file_name}")
         self._thread.daemon = True
         self._thread.start()
@@ -155,7 +174,7 @@ class FileStream:
     def _submit(self) -> None:
         buf = self._buf
         self._buf = self._free.get()
-        self._queue.put((self._buf_start, buf, self._fill))
+        self._hash_queue.put((self._buf_start, buf, self._fill))
         self._buf_start += self._fill
         self._fill = 0
 
@@ -164,7 +183,7 @@ class FileStream:
         if self._fill:
             self._submit()
         flush = _Flush()
-        self._queue.put(flush)
+        self._hash_queue.put(flush)
         flush.done.wait()
         if self._error is not None:
             raise self._error
@@ -176,8 +195,10 @@ class FileStream:
         self.sink.reset()
         self.hasher = Digests(self._methods)
         self.on_bytes(-self.offset)
-        self.offset = self.durable = self._buf_start = 0
-        self.on_durable(0)
+        with self._sync_lock:
+            self._generation += 1
+            self.offset = self.durable = self._buf_start = 0
+            self.on_durable(0)
 
     def finish(self) -> str:
         """Make everything durable; return the hex digest of all bytes of the file."""
@@ -189,10 +210,28 @@ class FileStream:
         return self.hasher.hexdigests()
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._hash_queue.put(None)  # passed on to the writer
+        self._hash_thread.join()
         self._thread.join()
+        with self._sync_wanted:
+            self._stopping = True
+            self._sync_wanted.notify()
+        self._syncer.join()
 
     # -- writer thread -------------------------------------------------------------------------
+
+    def _hasher(self) -> None:
+        while True:
+            item = self._hash_queue.get()
+            if isinstance(item, tuple) and self._error is None:
+                _, buf, length = item
+                try:
+                    self.hasher.update(memoryview(buf)[:length])
+                except BaseException as err:  # surfaced on the download thread
+                    self._error = _wrap(err, self)
+            self._queue.put(item)
+            if item is None:
+                return
 
     def _writer(self) -> None:
         while True:
@@ -207,25 +246,47 @@ class FileStream:
             if self._error is None:
                 try:
                     view = memoryview(buf)[:length]
-                    self.hasher.update(view)
                     self.sink.write_at(start, view)
                     self._unsynced += length
                     if self._unsynced >= self.fsync_interval:
-                        self._sync(start + length)
+                        self._unsynced = 0
+                        self._request_sync(start + length)
                 except BaseException as err:  # surfaced on the download thread
                     self._error = err if isinstance(err, UpdaterError) else _wrap(err, self)
             self._free.put(buf)
 
-    def _sync(self, offset: int | None = None) -> None:
+    def _sync(self) -> None:
+        """A checkpoint: everything submitted so far is durable when this returns."""
+        self._unsynced = 0
+        self._sync_to(self._generation, self._buf_start)
+
+    def _request_sync(self, offset: int) -> None:
+        """Ask the syncer to make ``offset`` durable; a newer request replaces a waiting one."""
+        with self._sync_wanted:
+            self._sync_request = (self._generation, offset)
+            self._sync_wanted.notify()
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._sync_wanted:
+                while self._sync_request is None and not self._stopping:
+                    self._sync_wanted.wait()
+                if self._sync_request is None:
+                    return
+                generation, offset = self._sync_request
+                self._sync_request = None
+            self._sync_to(generation, offset)
+
+    def _sync_to(self, generation: int, offset: int) -> None:
+        """Sync the sink; the bytes before ``offset`` (all written before the call) are durable."""
         if self._error is not None:
             return
-        end = self._buf_start if offset is None else offset
         try:
             self.sink.sync()
-            self._unsynced = 0
-            if end != self.durable:
-                self.durable = end
-                self.on_durable(end)
+            with self._sync_lock:
+                if generation == self._generation and offset > self.durable:
+                    self.durable = offset
+                    self.on_durable(offset)
         except BaseException as err:
             self._error = err if isinstance(err, UpdaterError) else _wrap(err, self)
 
