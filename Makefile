@@ -12,8 +12,8 @@ STAMP := $(VENV)/.dev-installed
 
 # The real parts the tests run (docs/design.md, "Tests: real parts") and one binary proving
 # each package is there.
-DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux udev u-boot-tools
-DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup udevadm mkimage
+DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux udev u-boot-tools zstd
+DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup udevadm mkimage zstd
 
 .PHONY: test test-paho16 lint bench demo deps clean distclean
 
