@@ -373,3 +373,26 @@ def test_mark_bad_when_idle_goes_back_to_the_previous_committed_slot(
     info = status(device)
     assert info["booted"] == "A" and info["primary"] == "A"
     assert info["versions"] == {"combined": "a0-boota0-roota0-conf", **factory}
+
+
+def test_a_second_update_after_a_commit_needs_no_reboot_in_between(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
+) -> None:
+    """The first boot of a committed slot is still the firmware's trial boot (tryboot's flag
+    lasts the whole boot): the next update must not wait for a reboot."""
+    health_check(trusted_dir, ok=True)
+    first, _ = package(docroot, nginx, "a1")
+    assert device.run("install", str(device.task_file(first, "first.json"))).returncode == 0
+    assert harness.boot() == "B"
+    assert device.run("health-check").returncode == 0
+    second, files = package(docroot, nginx, "a2")
+
+    result = device.run("install", str(device.task_file(second, "second.json")))
+
+    assert result.returncode == 0, result.stderr
+    assert status(device)["state"] == "armed"
+    rootfs = files["rootfs.img"]
+    assert device.parts["A.root"].read(rootfs.size) == rootfs.read_bytes()
+    assert harness.boot() == "A"
+    assert device.run("health-check").returncode == 0
+    assert status(device)["versions"]["combined"] == "a2-boota2-roota2-conf"  # type: ignore[index]

@@ -272,7 +272,9 @@ class Flow:
             bl = self.bootloader
             bl.check()
             booted = self.booted()
-            if bl.is_trial():
+            # A trial that was committed during this boot is still "a trial" in the firmware's
+            # eyes (tryboot's flag is a property of the boot) but its slot is primary now.
+            if bl.is_trial() and bl.primary_slot() != booted:
                 raise StateError(f"this boot is a trial of slot {booted}: commit or drop it first")
             if bl.primary_slot() != booted:
                 raise StateError(
