@@ -1,20 +1,25 @@
-"""``make demo``: a signed update on this machine, with no Raspberry Pi.
+"""``make demo``: the whole update flow on this machine, with no Raspberry Pi.
 
-A stand-in A/B disk on loop devices, a private nginx over HTTPS with a test CA, and our
-fault-injecting proxy in front of it. Then, the production path end to end:
+A stand-in A/B disk on loop devices, a private nginx over HTTPS (test CA) with our
+fault-injecting proxy in front of it, a private mosquitto (TLS, passwords, an ACL) standing in
+for the IoT Platform, and the updater as the daemon it is on a device. Then:
 
 0. the vendor: a key pair (``rpi-updater keygen``), its public key in the device's root-owned
-   keyring, and a package (``rpi-updater bundle``: the files, the signed ``manifest.json``, the
-   ``task.json`` to publish) uploaded to the server; the device refuses unsigned packages;
-1. the plan: the manifest fetched and verified, every check before the first byte is written;
-2. the install through a link that is cut three times: it resumes, the slot is byte-identical;
-3. the same task again: nothing is fetched;
-4. the reboot, the health check commits, the combined version from the signed manifest;
-5. a forged package (another rootfs, its manifest entry and the task edited to match): refused
-   with exit 4 and step -3 before the download, both slots untouched.
+   keyring, and a signed three-file package (``rpi-updater bundle``: boot a1, rootfs b1,
+   config c1) uploaded to the server;
+1. the device comes up: the daemon connects and informs its version, a0b0c0;
+2. the platform pushes the update; the download goes through a link that drops; the platform
+   sees the progress; slot B is armed and a reboot asked for;
+3. the reboot: the firmware tries slot B once, the health check at boot commits it, and the
+   daemon informs a1b1c1;
+4. a second update (a2b2c2) whose health check fails: the trial boot is rolled back, the
+   platform hears why (step -1), the device runs a1b1c1 again;
+5. a forged package (the files and the task edited, the signature kept): refused before the
+   download with step -3, the slots untouched;
 
-Needs root: loop devices, and the keyring and the health checks must be root-owned all the way
-up (a directory under /run here, as on a device). Everything is cleaned up at the end.
+and what the platform received, message by message. Needs root: loop devices, and the keyring
+and the health checks must be root-owned all the way up (a directory under /run here, as on a
+device). Everything is cleaned up at the end.
 """
 
 from __future__ import annotations
@@ -30,9 +35,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from tests.harness import Fault, FaultProxy, LoopDevices, Nginx, make_tls_files
+from tests.harness import (
+    Fault,
+    FaultProxy,
+    LoopDevices,
+    Mosquitto,
+    Nginx,
+    Recorder,
+    make_tls_files,
+)
 from tests.harness.device import BOARD_MODEL, Device, MiB, build_device
 from tests.harness.reboot import RebootHarness
 
@@ -40,6 +55,8 @@ BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else
 REPO = Path(__file__).resolve().parent.parent
 BOARD = BOARD_MODEL.rsplit(" Rev ", 1)[0]  # vendors list models; every revision matches
 KEY_NAME = "vendor-2026"
+PK, DN = "a1B2c3D4e5F", "pi-0001"
+UPGRADE = f"/ota/device/upgrade/{PK}/{DN}"
 
 
 def step(title: str) -> None:
@@ -149,160 +166,270 @@ def main() -> int:
                 Nginx(work / "www", tls, work / "nginx") as nginx,
                 LoopDevices() as loops,
                 FaultProxy(nginx.plain_port, tls) as proxy,
+                Mosquitto(tls, work / "mosquitto", product_key=PK, device_name=DN) as broker,
+                Recorder(broker) as platform,
             ):
-                return run_demo(work, trusted, nginx, proxy, loops)
+                return Demo(work, trusted, nginx, proxy, loops, broker, platform).run()
     finally:
         shutil.rmtree(trusted, ignore_errors=True)
 
 
-def run_demo(work: Path, trusted: Path, nginx: Nginx, proxy: FaultProxy, loops: LoopDevices) -> int:
-    started = time.monotonic()
-    step("a stand-in Raspberry Pi: slot A boots, slot B is free")
-    device = build_device(
-        work / "device", loops=loops, ca_file=nginx.ca_file, boot_size=8 * MiB, root_size=32 * MiB
-    )
-    for name, region in device.parts.items():
-        print(f"  {name:7} {region.size // MiB:3} MiB  {region.path}")
-    print(f"  kernel command line: {(device.root / 'cmdline').read_text().strip()}")
-    print(f"  board model:         {BOARD_MODEL}")
-    (device.etc / "app.conf").write_text("mode = factory\n")
-    harness = RebootHarness(device, "tryboot")
-    harness.configure("now")
-    health = trusted / "health.d"
-    health.mkdir(mode=0o755)
-    (health / "10-app").write_text("#!/bin/sh\necho checking the app; exit 0\n")
-    (health / "10-app").chmod(0o755)
-    keyring = trusted / "keyring"
-    keyring.mkdir(mode=0o755)
-    # The production default: no security.allow_unsigned, a package must be signed by a key
-    # in the keyring, for this board.
-    device.write_config(
-        security={"keyring": str(keyring)},
-        health={"system_running": False, "directory": str(health)},
-    )
-    config = device.config_path.relative_to(work)
+class Demo:
+    def __init__(
+        self,
+        work: Path,
+        trusted: Path,
+        nginx: Nginx,
+        proxy: FaultProxy,
+        loops: LoopDevices,
+        broker: Mosquitto,
+        platform: Recorder,
+    ) -> None:
+        self.work, self.trusted, self.nginx, self.proxy = work, trusted, nginx, proxy
+        self.loops, self.broker, self.platform = loops, broker, platform
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.shown = 0  # platform messages printed so far
 
-    def on_device(*args: str) -> list[str]:
-        return rpi_updater("--config", str(config), *args)
+    # -- the pieces ------------------------------------------------------------------------------
 
-    step("0. the vendor: a signing key, the device's keyring, a signed package")
-    if show(rpi_updater("keygen", "--out", "keys", "--name", KEY_NAME), work) != 0:
-        return 1
-    shutil.copy(work / "keys" / f"{KEY_NAME}.pub", keyring / f"{KEY_NAME}.pub")
-    (keyring / f"{KEY_NAME}.pub").chmod(0o644)
-    print(f"  on the device: {keyring}/{KEY_NAME}.pub  (root-owned, 0755 all the way up)")
-    print(f"  its config:    security: {{keyring: {keyring}}}  (unsigned packages refused)")
-    build = work / "build"
-    build.mkdir()
-    make_boot_image(build, 8 * MiB)
-    make_root_image(build, 24 * MiB)
-    (build / "app.conf").write_text("mode = production\n")
-    bundle = rpi_updater(
-        "bundle",
-        "--key",
-        f"keys/{KEY_NAME}.key",
-        "--out",
-        "pkg",
-        "--version",
-        "a1b1c1",
-        "--board",
-        BOARD,
-        "--base-url",
-        proxy.url("pkg"),
-        "build/boot.img=boot=a1",
-        "build/rootfs.img=rootfs=b1",
-        "build/app.conf=config=c1",
-    )
-    if show(bundle, work) != 0:
-        return 1
-    pkg = work / "pkg"
-    shutil.copytree(pkg, nginx.root / "pkg")  # the upload
-    task_path = pkg / "task.json"
-    task = json.loads(task_path.read_text())
-    files = task["data"]["files"]
-    served = {f["fileName"]: f["fileSize"] for f in files}
-    print(f"\n  uploaded; the task to publish ({task_path.relative_to(work)}), manifest first:")
-    for f in files:
-        print(f"  {DIM}  {f['fileName']:14}{f['fileSize']:>10} bytes  {f['fileUrl']}{RESET}")
-    envelope = json.loads((pkg / "manifest.json").read_bytes())
-    body = json.loads(base64.b64decode(envelope["payload"]))
-    signer = envelope["signatures"][0]["keyid"]
-    print(f"  manifest.json: signed by key {signer}, for the boards {body['boards']}:")
-    for f in body["files"]:
-        how = f"  (served {f['encoding']})" if f.get("encoding") else ""
-        print(
-            f"  {DIM}  {f['name']:14}{f['size']:>10} bytes  sha256 {f['sha256'][:16]}...  "
-            f"{f['target']} {f['version']}{how}{RESET}"
+    def on_device(self, *args: str) -> list[str]:
+        return rpi_updater("--config", str(self.device.config_path.relative_to(self.work)), *args)
+
+    def start_daemon(self) -> None:
+        log = (self.work / "daemon.log").open("ab")
+        self.daemon = subprocess.Popen(
+            self.on_device("daemon"),
+            cwd=self.work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
         )
+        print(f"{DIM}$ rpi-updater daemon &{RESET}   (as systemd starts it: rpi-updater.service)")
 
-    step("1. the plan: the manifest fetched and verified, every check before a byte is written")
-    show(on_device("install", "--dry-run", "pkg/task.json"), work)
+    def stop_daemon(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.terminate()
+            self.daemon.wait(timeout=30)
+        self.daemon = None
 
-    step("2. install through a link that drops three times; arm slot B; reboot")
-    size = served["rootfs.img"]  # the bytes on the wire (compressed, if the bundle did)
-    proxy.script(
-        Fault(),  # manifest.json
-        Fault(),  # boot.img
-        Fault(cut_after=size // 4),
-        Fault(reset_after=size // 3),
-        Fault(stall_after=size // 5, stall_seconds=3),
-    )
-    before = proxy.body_bytes_total
-    if show(on_device("install", "--progress", "bar", "pkg/task.json"), work, live=True) != 0:
-        return 1
-    proxy.wait_idle()
-    ok = all(
-        device.parts[part].read(path.stat().st_size) == path.read_bytes()
-        for part, path in (("B.boot", build / "boot.img"), ("B.root", build / "rootfs.img"))
-    )
-    print(f"  slot B holds the images byte for byte: {ok}")
-    print(
-        f"  {proxy.body_bytes_total - before} bytes sent by the server for "
-        f"{sum(f['fileSize'] for f in files)} bytes of files (the manifest included)"
-    )
-    fsck = subprocess.run(
-        ["e2fsck", "-f", "-n", str(_region_file(device, "B.root", work))],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    print(f"  e2fsck of slot B's root: {'clean' if fsck.returncode == 0 else fsck.stdout}")
-    print(f"  reboot requested: systemctl reboot {harness.reboot_requests()[-1]!r}")
+    def received(self, until: Callable[[dict[str, Any]], bool], timeout: float = 60) -> None:
+        """Print what the platform receives from the device, until a message matches."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.platform.messages()[self.shown :]:
+                self.shown += 1
+                if message.topic.startswith("harness/") or message.topic == UPGRADE:
+                    continue
+                payload = json.loads(message.payload)
+                params = payload.get("params", {})
+                kind = message.topic.split("/")[3] if message.topic.startswith("/ota") else "get"
+                print(f"  {BOLD}platform <- {kind:8}{RESET} {json.dumps(params)}")
+                if until({"kind": kind, **params}):
+                    return
+            if time.monotonic() >= deadline:
+                if timeout == 0:
+                    return
+                raise SystemExit(
+                    f"demo: the platform heard nothing more; see {self.work}/daemon.log"
+                )
+            time.sleep(0.05)
 
-    step("3. the same task again (a duplicate push): nothing fetched, nothing done")
-    before = proxy.body_bytes_total
-    show(on_device("install", "pkg/task.json"), work)
-    print(f"  bytes fetched: {proxy.body_bytes_total - before}")
+    def push(self, task_path: Path) -> None:
+        task = json.loads(task_path.read_text())
+        print(
+            f"  {BOLD}platform -> upgrade{RESET}  version {task['data']['version']}, "
+            f"{len(task['data']['files'])} files ({task_path.relative_to(self.work)})"
+        )
+        self.platform.publish(UPGRADE, task)
 
-    step("4. the reboot: the firmware tries slot B once; the health check commits it")
-    print(f"  the firmware booted slot {harness.boot()} (tryboot)")
-    show(on_device("health-check"), work)
-    show(on_device("status"), work)
-    print(f"  after a plain reset the device runs slot {harness.boot()}")
+    def wait_reboot_request(self) -> None:
+        deadline = time.monotonic() + 20
+        while not self.harness.reboot_requests():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: no reboot was asked for; see {self.work}/daemon.log")
+            time.sleep(0.05)
 
-    step("5. a forged package: refused before the download, step -3")
-    print(
-        "  someone who can upload files and publish tasks, but has no key: rootfs.img swapped,\n"
-        "  its manifest entry and the task edited to match, the vendor's signature kept"
-    )
-    forged = forge(work, nginx, proxy, task, envelope)
-    snapshot = device.snapshot()
-    before = proxy.body_bytes_total
-    code = show(on_device("install", "--progress", "json", forged.name), work)
-    proxy.wait_idle()
-    untouched = device.snapshot() == snapshot
-    status = json.loads(device.run("status", "--json").stdout)
-    print(f"\n  bytes fetched: {proxy.body_bytes_total - before} (the manifest, no payload)")
-    print(f"  slots A and B untouched: {untouched}")
-    print(
-        f"  the device still runs slot {status['booted']}, version {status['versions']['combined']}"
-    )
-    print(f"\n{DIM}demo done in {time.monotonic() - started:.1f} s{RESET}")
-    return 0 if ok and untouched and code == 4 else 1
+    def drain(self) -> None:
+        """Print what the platform received meanwhile (a moment for the last messages)."""
+        time.sleep(0.3)
+        self.received(lambda m: False, timeout=0)
+
+    def reboot(self, why: str) -> str:
+        self.drain()
+        requests = self.harness.reboot_requests()
+        if requests:
+            argument = f" {requests[-1]!r}" if requests[-1] else ""
+            print(f"  reboot requested: systemctl reboot{argument}")
+        self.stop_daemon()
+        slot = self.harness.boot()
+        print(f"  {BOLD}-- reboot ({why}): the firmware booted slot {slot}{RESET}")
+        return slot
+
+    # -- the story -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        started = time.monotonic()
+        try:
+            ok = self.story()
+        finally:
+            self.stop_daemon()
+        print(f"\n{DIM}demo done in {time.monotonic() - started:.1f} s{RESET}")
+        return 0 if ok else 1
+
+    def story(self) -> bool:
+        work = self.work
+        step("a stand-in Raspberry Pi: slot A runs version a0b0c0, slot B is free")
+        self.device = device = build_device(
+            work / "device",
+            loops=self.loops,
+            ca_file=self.nginx.ca_file,
+            boot_size=8 * MiB,
+            root_size=32 * MiB,
+        )
+        for name, region in device.parts.items():
+            print(f"  {name:7} {region.size // MiB:3} MiB  {region.path}")
+        print(f"  kernel command line: {(device.root / 'cmdline').read_text().strip()}")
+        print(f"  board model:         {BOARD_MODEL}")
+        (device.etc / "app.conf").write_text("mode = factory\n")
+        self.harness = RebootHarness(device, "tryboot")
+        self.harness.configure("now")
+        health = self.trusted / "health.d"
+        health.mkdir(mode=0o755)
+        (health / "10-app").write_text("#!/bin/sh\necho checking the app; exit 0\n")
+        (health / "10-app").chmod(0o755)
+        keyring = self.trusted / "keyring"
+        keyring.mkdir(mode=0o755)
+        identity = work / "identity.yaml"
+        identity.write_text(
+            f"product_key: {PK}\ndevice_name: {DN}\n"
+            f"username: {self.broker.device_user}\npassword: {self.broker.device_password}\n"
+        )
+        identity.chmod(0o600)
+        # The production defaults: a package must be signed by a key in the keyring, for this
+        # board; TLS verified against the broker's CA.
+        device.write_config(
+            security={"keyring": str(keyring)},
+            health={"system_running": False, "directory": str(health)},
+            mqtt={
+                "host": self.broker.host,
+                "port": self.broker.port,
+                "ca_file": str(self.broker.ca_file),
+                "login": "plain",
+                "identity_file": str(identity),
+                "keepalive": 30,
+                "reconnect_max": 1,
+            },
+            factory_versions={"boot": "a0", "rootfs": "b0", "config": "c0"},
+        )
+        print(f"  the platform: mosquitto on {self.broker.host}:{self.broker.port} (TLS, ACL)")
+
+        step("0. the vendor: a signing key, the device's keyring, a signed package")
+        if show(rpi_updater("keygen", "--out", "keys", "--name", KEY_NAME), work) != 0:
+            return False
+        shutil.copy(work / "keys" / f"{KEY_NAME}.pub", keyring / f"{KEY_NAME}.pub")
+        (keyring / f"{KEY_NAME}.pub").chmod(0o644)
+        print(f"  on the device: {keyring}/{KEY_NAME}.pub  (root-owned, 0755 all the way up)")
+        first = self.package("1", "production")
+        print(f"  uploaded to {self.proxy.url('pkg1')}/")
+
+        step("1. the device comes up: the daemon connects and informs its version")
+        self.start_daemon()
+        self.received(lambda m: m["kind"] == "get")
+
+        step("2. the platform pushes a1b1c1; the link drops twice; slot B is armed")
+        served = json.loads((first / "task.json").read_text())["data"]["files"]
+        size = next(f["fileSize"] for f in served if f["fileName"] == "rootfs.img")
+        self.proxy.script(
+            Fault(),  # manifest.json
+            Fault(),  # boot.img
+            Fault(cut_after=size // 3),
+            Fault(reset_after=size // 3),
+        )
+        self.push(first / "task.json")
+        self.received(lambda m: m["kind"] == "progress" and int(m["step"]) in (100, -1, -2, -3, -4))
+        self.wait_reboot_request()
+        build = work / "build1"
+        ok = all(
+            device.parts[part].read(path.stat().st_size) == path.read_bytes()
+            for part, path in (("B.boot", build / "boot.img"), ("B.root", build / "rootfs.img"))
+        )
+        print(f"  slot B holds the images byte for byte: {ok}")
+
+        step("3. the reboot: slot B on trial, the health check at boot commits it")
+        if self.reboot("into the trial") != "B":
+            return False
+        show(self.on_device("health-check"), work)
+        self.start_daemon()
+        self.received(lambda m: m["kind"] == "inform" and m.get("version") == "a1b1c1")
+
+        step("4. a2b2c2, whose app does not start: the trial is rolled back")
+        (health / "20-app").write_text("#!/bin/sh\necho the app does not answer >&2; exit 1\n")
+        (health / "20-app").chmod(0o755)
+        second = self.package("2", "broken")
+        self.proxy.script()
+        self.push(second / "task.json")
+        self.received(lambda m: m["kind"] == "progress" and int(m["step"]) in (100, -1, -2, -3, -4))
+        self.wait_reboot_request()
+        if self.reboot("into the trial") != "A":
+            return False
+        show(self.on_device("health-check"), work)
+        rolled = self.reboot("back to the committed slot")
+        self.start_daemon()
+        self.received(lambda m: m["kind"] == "progress" and int(m["step"]) < 0)
+        self.received(lambda m: m["kind"] == "inform")
+        (health / "20-app").unlink()
+
+        step("5. a forged package: refused before the download, step -3")
+        print(
+            "  rootfs.img swapped, its manifest entry and the task edited to match, the vendor's\n"
+            "  signature kept: what someone with the bucket and the topic but no key can do"
+        )
+        task = json.loads((first / "task.json").read_text())
+        envelope = json.loads((first / "manifest.json").read_bytes())
+        forged = forge(work, first, self.nginx, self.proxy, task, envelope)
+        snapshot = device.snapshot()
+        self.push(forged)
+        self.received(lambda m: m["kind"] == "progress" and int(m["step"]) < 0)
+        untouched = device.snapshot() == snapshot
+        print(f"  slots A and B untouched: {untouched}")
+        status = json.loads(device.run("status", "--json").stdout)
+        print(
+            f"  the device runs slot {status['booted']}, version {status['versions']['combined']}"
+        )
+        return ok and rolled == "B" and untouched and status["versions"]["combined"] == "a1b1c1"
+
+    def package(self, n: str, mode: str) -> Path:
+        """Build and upload package ``n`` (versions an bn cn) with ``rpi-updater bundle``."""
+        build = self.work / f"build{n}"
+        build.mkdir()
+        make_boot_image(build, 8 * MiB)
+        make_root_image(build, 24 * MiB)
+        (build / "app.conf").write_text(f"mode = {mode}\n")
+        bundle = rpi_updater(
+            "bundle",
+            "--key",
+            f"keys/{KEY_NAME}.key",
+            "--out",
+            f"pkg{n}",
+            "--version",
+            f"a{n}b{n}c{n}",
+            "--board",
+            BOARD,
+            "--base-url",
+            self.proxy.url(f"pkg{n}"),
+            f"build{n}/boot.img=boot=a{n}",
+            f"build{n}/rootfs.img=rootfs=b{n}",
+            f"build{n}/app.conf=config=c{n}",
+        )
+        if show(bundle, self.work) != 0:
+            raise SystemExit("demo: bundle failed")
+        shutil.copytree(self.work / f"pkg{n}", self.nginx.root / f"pkg{n}")  # the upload
+        return self.work / f"pkg{n}"
 
 
 def forge(
     work: Path,
+    package: Path,
     nginx: Nginx,
     proxy: FaultProxy,
     task: dict[str, object],
@@ -310,11 +437,11 @@ def forge(
 ) -> Path:
     """The package as an attacker without the key would make it: another rootfs.img, the
     manifest's payload and the task changed to match it, the signature left as it was."""
-    rootfs = bytearray((work / "pkg" / "rootfs.img").read_bytes())
+    rootfs = bytearray((package / "rootfs.img").read_bytes())
     tail = min(MiB, len(rootfs) // 2)
     rootfs[-tail:] = os.urandom(tail)  # "a backdoor"
     served = nginx.root / "forged"
-    shutil.copytree(work / "pkg", served)
+    shutil.copytree(package, served)
     (served / "rootfs.img").write_bytes(rootfs)
     sha256 = hashlib.sha256(rootfs).hexdigest()
     payload = envelope["payload"]
