@@ -353,3 +353,113 @@ def test_decompressed_size_must_fit_the_partition(
     assert result.returncode == 2, result.stderr
     assert f"{40 * MiB} bytes do not fit" in result.stderr
     assert device.snapshot() == before
+
+
+# -- the journal's resume fields stay true --------------------------------------------------------
+
+
+class _Journal:
+    def __init__(self) -> None:
+        self.fields: dict[str, Any] = {}
+        self.log: list[dict[str, Any]] = []
+
+    def point(self, p: Any) -> None:
+        update = {
+            "durable": p.image_offset,
+            "encoded_offset": p.offset or None,
+            "transfer_state": p.transfer_state or None,
+        }
+        self.fields.update(update)
+        self.log.append(update)
+
+
+def _decoded_stream(tmp_path: Path, size: int, journal: _Journal) -> Any:
+    from updater.config import PartSpec
+    from updater.decode import DecodedStream, make_decoder
+    from updater.sinks import PartitionSink
+    from updater.slots import Device as Part
+    from updater.stream import FileStream
+
+    path = tmp_path / "part.img"
+    with path.open("wb") as f:
+        f.truncate(size)
+    sink = PartitionSink(
+        Part(str(path), 0, size, False, None, PartSpec("image", str(path))),
+        file_name="f",
+        target="rootfs",
+    )
+    holder: list[Any] = []
+    stream = FileStream(
+        sink,
+        size=size,
+        digest_method="sha256",
+        buffer_size=256 * 1024,
+        fsync_interval=256 * 1024,
+        file_name="f",
+        on_durable=lambda n: holder[0].image_durable(n) if holder else None,
+        on_bytes=lambda n: None,
+    )
+    decoded = DecodedStream(
+        stream,
+        make_decoder("zstd", "f"),
+        digest_method="sha256",
+        file_name="f",
+        on_bytes=lambda n: None,
+        on_resume_point=journal.point,
+    )
+    holder.append(decoded)
+    return sink, stream, decoded
+
+
+def test_a_file_that_starts_over_clears_its_resume_point_first(tmp_path: Path) -> None:
+    """The file changed on the server: the journal must not keep the old version's resume
+    point (a power cut then would splice the old prefix onto the new file)."""
+    img = image(2 * MiB, 31)
+    journal = _Journal()
+    sink, stream, decoded = _decoded_stream(tmp_path, len(img), journal)
+    served = frames_of(img)
+    try:
+        decoded.write(served[: len(served) * 3 // 4])
+        decoded.checkpoint()
+        assert journal.fields["encoded_offset"], "a resume point was recorded"
+
+        decoded.restart()
+
+        assert journal.fields == {"durable": 0, "encoded_offset": None, "transfer_state": None}
+        decoded.write(served)
+        transfer, image_sha256 = decoded.finish()
+    finally:
+        stream.close()
+        sink.close()
+    assert image_sha256 == hashlib.sha256(img).hexdigest()
+    assert transfer == hashlib.sha256(served).hexdigest()
+
+
+def test_an_unusable_transfer_state_starts_the_file_over(
+    device: Device, vendor: Vendor, docroot: Docroot, fault_proxy: FaultProxy
+) -> None:
+    files = package_files(seed=41)
+    package = vendor.publish(
+        docroot, fault_proxy, files, compression=Compression("zstd", frame_size=FRAME)
+    )
+    fault_proxy.default = Fault(stall_after=512 * 1024, stall_seconds=0.2)
+    task = device.task_file(package.task)
+    proc = device.start("install", str(task), "--progress", "none")
+    deadline = time.monotonic() + 60
+    while encoded_offset(device) == 0:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    fault_proxy.default = None
+    journal_path = device.state_dir / "journal.json"
+    journal = json.loads(journal_path.read_text())
+    journal["files"]["rootfs.img"]["transfer_state"] = "sha256:" + "00" * 112  # inconsistent
+    journal_path.write_text(json.dumps(journal))
+
+    result = device.run("install", str(task))
+
+    assert result.returncode == 0, result.stderr
+    assert_installed(device, files)
+    ranges = [r.headers.get("range") for r in fault_proxy.requests if r.path.endswith("rootfs.img")]
+    assert ranges[-1] is None, "the last request of rootfs.img started from byte 0"

@@ -565,3 +565,33 @@ def test_bundle_cli_output_is_accepted_by_the_device(
 
     assert result.returncode == 0, result.stderr
     assert (device.etc / "app.conf").read_bytes() == (src / "app.conf").read_bytes()
+
+
+def test_an_altered_copy_of_the_task_under_way_does_not_roll_it_back(
+    device: Device, vendor: Vendor, docroot: Docroot, fault_proxy: FaultProxy
+) -> None:
+    """The task id leaves out what a copy can change: a copy refused for itself must not make
+    the device drop the genuine update it is downloading."""
+    files = payload(rootfs_size=12 * MiB)
+    package = vendor.publish(docroot, fault_proxy, files)
+    fault_proxy.default = Fault(stall_after=2 * MiB, stall_seconds=0.3)
+    task = device.task_file(package.task, "genuine.json")
+    proc = device.start("install", str(task), "--progress", "none")
+    deadline = time.monotonic() + 60
+    while not any(f.get("durable") for f in journal_files(device)):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    fault_proxy.default = Fault()
+    altered = json.loads(json.dumps(package.task))
+    entry(altered, "rootfs.img")["fileSize"] += 1  # the manifest disagrees: refused
+
+    refused, lines = install(device, altered)
+
+    assert refused.returncode == 4, refused.stderr
+    assert "size" in lines[-1]["desc"]
+    assert state(device)["state"] == "download", "the genuine update is still under way"
+    result = device.run("install", str(task), "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    assert device.parts["B.root"].read(len(files[1][1])) == files[1][1]

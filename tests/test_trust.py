@@ -414,7 +414,7 @@ def test_version_key_is_natural_order(lower: str, higher: str) -> None:
 
 
 def test_version_key_numbers_ignore_leading_zeros() -> None:
-    assert version_key("1.01") == version_key("1.1") == ((0, 1, ""), (1, 0, "."), (0, 1, ""))
+    assert version_key("1.01") == version_key("1.1") == ((0, 1, "1"), (1, 0, "."), (0, 1, "1"))
     assert version_key("") == ()
 
 
@@ -460,3 +460,11 @@ def test_numbers_compare_by_value(prefix: str, m: int, n: int, suffix: str) -> N
 def test_version_key_takes_any_text(version: str) -> None:
     """extData.versions (unsigned packages) and factory_versions are not limited to ASCII."""
     assert version_key(version) < version_key(f"{version}0")
+
+
+def test_version_key_takes_huge_digit_runs_without_int_conversion() -> None:
+    """int() of more than 4300 digits raises; a hostile extData version must not."""
+    big = "1" * 5000
+    assert version_key(big) > version_key("9" * 4999)
+    assert version_key(f"0{big}") == version_key(big)
+    assert version_key(big + "a") > version_key(big)

@@ -401,7 +401,8 @@ class Agent:
 
         reporter = StepReporter(self.config.mqtt.progress_step, publish=publish)
         try:
-            plan = Flow(self.config).prepare(task)  # what can be refused, before the lock
+            # What can be refused, before the lock; a newer task stops a slow manifest fetch.
+            plan = Flow(self.config, cancel=self.cancel).prepare(task)
             set_context(task=task.task_id, version=task.version, slot=plan.slot)
             with StateLock(Path(self.config.state_dir)):
                 flow = Flow(self.config, progress_sinks=[reporter], cancel=self.cancel)
@@ -421,7 +422,7 @@ class Agent:
             publish(err.step, err.desc)
             if isinstance(err, VerificationError) and Flow(self.config).under_way(task):
                 with StateLock(Path(self.config.state_dir)):
-                    Flow(self.config).abandon(task, err)
+                    Flow(self.config).abandon(task)
             return
         if record.state == State.ARMED:
             self._set_status(f"version {task.version} installed; reboot pending")

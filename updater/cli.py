@@ -157,7 +157,7 @@ def cmd_install(args: argparse.Namespace) -> int:
                 and _flow(config).under_way(task)
             ):
                 with StateLock(Path(config.state_dir)):
-                    _flow(config).abandon(task, err)
+                    _flow(config).abandon(task)
         raise
     if flow.error is not None:  # logged by the flow; the exit code says which kind
         return flow.error.exit_code

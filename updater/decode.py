@@ -348,6 +348,10 @@ class ResumePoint:
     transfer_state: str  # the saved state of the transfer digest at ``offset``
 
 
+NO_RESUME: Final = ResumePoint(0, 0, "")
+"""Recorded when a file starts over: nothing of it may be resumed from."""
+
+
 class DecodedStream:
     """The :class:`~updater.fetch.Receiver` of a compressed file: takes the transferred bytes,
     hashes them (the task's digest), decodes them and writes the image through ``image``.
@@ -396,13 +400,18 @@ class DecodedStream:
             self._plain.update(data)
 
     def resume_from(self, point: ResumePoint) -> None:
-        """Continue after a restart from a recorded frame end."""
+        """Continue after a restart from a recorded frame end (or, when the point cannot be
+        used, from byte 0: ``offset`` says which)."""
         if not self.resumable or point.offset <= 0:
             return
+        try:
+            restored = ResumableHash.restore(point.transfer_state)
+        except (ValueError, RuntimeError):
+            return  # a state this machine cannot use: from byte 0
         self.image.resume_from(point.image_offset)
         if self.image.offset != point.image_offset:
             return  # the sink could not keep its prefix: from byte 0
-        self._hash = ResumableHash.restore(point.transfer_state)
+        self._hash = restored
         self.offset = point.offset
         self.decoder.reset()
         self.on_bytes(point.offset)
@@ -445,14 +454,15 @@ class DecodedStream:
         return self.offset
 
     def restart(self) -> None:
-        """The file changed on the server: from byte 0."""
-        self.image.restart()
-        self.decoder.reset()
+        """The file changed on the server: from byte 0, and the journal says so first."""
         with self._lock:
             self._points.clear()
+        self.on_resume_point(NO_RESUME)
+        self.decoder.reset()
         self._new_hash()
-        self.on_bytes(-self.offset)
-        self.offset = 0
+        undone, self.offset = self.offset, 0
+        self.image.restart()
+        self.on_bytes(-undone)
 
     def finish(self) -> tuple[str, str]:
         """(transfer digest, image SHA-256) once every byte arrived; a short or overlong

@@ -345,6 +345,7 @@ class _Attempt:
         self.skip = 0
         self.start_over = False
         self.failure: BaseException | None = None
+        self._fresh: Validator | None = None
 
     def error(self, message: str, kind: type[DownloadError] = DownloadError) -> DownloadError:
         return kind(
@@ -421,8 +422,17 @@ class _Attempt:
         else:
             self._check_whole(fresh, changed)
         if fresh != self.t.validator and (fresh.etag or fresh.last_modified):
-            self.t.validator = fresh
-            self.t.on_validator(fresh)
+            # After a start-over only: the journal must never pair the new file's validator
+            # with the old file's durable prefix (a power cut in between would splice them).
+            self._fresh = fresh
+            if not self.start_over:
+                self._record_validator()
+
+    def _record_validator(self) -> None:
+        if self._fresh is not None:
+            self.t.validator = self._fresh
+            self.t.on_validator(self._fresh)
+            self._fresh = None
 
     def _check_partial(self, changed: bool) -> None:
         m = _CONTENT_RANGE.search(self.headers.get("content-range", ""))
@@ -475,3 +485,4 @@ class _Attempt:
             self.t.file_name,
         )
         self.receiver.restart()
+        self._record_validator()

@@ -23,7 +23,14 @@ from pathlib import Path
 
 from updater.bootloader import Bootloader, make_bootloader
 from updater.config import Config
-from updater.errors import InvalidInput, PlanError, StateError, UpdaterError
+from updater.errors import (
+    Cancelled,
+    InvalidInput,
+    PlanError,
+    StateError,
+    UpdaterError,
+    VerificationError,
+)
 from updater.health import run_checks
 from updater.install import Installer, commit_file_targets, undo_file_targets
 from updater.journal import Journal
@@ -115,7 +122,8 @@ class Flow:
         The task under way keeps its verified manifest: a restart does not fetch it again.
         """
         known = self.record.manifest if self.record.task_id == task.task_id else None
-        trusted = check_task(task, self.config, envelope=known)
+        sleep = self._cancellable_sleep if self.cancel is not None else None
+        trusted = check_task(task, self.config, envelope=known, sleep=sleep)
         plan = make_plan(task, self.config, trusted)
         # The version policy too (checked again by install, under the state lock).
         check_package_version(self.config, plan, self._installed())
@@ -126,11 +134,19 @@ class Flow:
         r = self.record
         return r.task_id == task.task_id and r.state in (State.DOWNLOAD, State.INSTALL)
 
-    def abandon(self, task: Task, err: UpdaterError) -> bool:
-        """The update under way for ``task`` failed a check it passed when it started (a key
-        revoked, a keyring replaced since): roll it back rather than leave it to be resumed.
-        The caller holds the state lock. Returns whether there was such an update."""
+    def abandon(self, task: Task) -> bool:
+        """``task`` was refused, and an update with its id is under way: if the update *as it
+        was recorded* (its task and kept manifest, not the copy just received, which anyone
+        could have altered) fails its checks now (a key revoked, the keyring replaced), roll it
+        back rather than leave it to be resumed. The caller holds the state lock. Returns
+        whether it was rolled back."""
         if not self.under_way(task):
+            return False
+        try:
+            self.plan()
+        except VerificationError as failed:
+            err: UpdaterError = failed
+        else:
             return False
         r = self.record
         log.error(
@@ -141,6 +157,11 @@ class Flow:
         self._enter(State.ROLLBACK)
         self._run(stop_at={State.IDLE})
         return True
+
+    def _cancellable_sleep(self, seconds: float) -> None:
+        assert self.cancel is not None
+        if self.cancel.wait(seconds):
+            raise Cancelled("a newer task replaces this one")
 
     def _installed(self) -> dict[str, str]:
         return {**self.config.factory_versions, **self.record.installed}

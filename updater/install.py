@@ -266,7 +266,9 @@ class Installer:
             if isinstance(sink, HookSink):
                 sink.finish()
         except VerificationError:
-            # The bytes on the target are wrong: never resumed from, never armed.
+            # The bytes on the target are wrong: never resumed from, never armed. The threads
+            # stop first, so that no sync in flight records a resume point after the reset.
+            stream.close()
             self.journal.update_file(spec.name, durable=0, encoded_offset=None, transfer_state=None)
             sink.close()
             if item.dest is not None:
@@ -326,8 +328,8 @@ class Installer:
             on_resume_point=lambda p: self.journal.update_file(
                 name,
                 durable=p.image_offset,
-                encoded_offset=p.offset,
-                transfer_state=p.transfer_state,
+                encoded_offset=p.offset or None,
+                transfer_state=p.transfer_state or None,
             ),
         )
         return stream, decoded
@@ -347,9 +349,12 @@ class Installer:
         if isinstance(receiver, DecodedStream):
             offset, state = record.get("encoded_offset"), record.get("transfer_state")
             if not isinstance(offset, int) or not isinstance(state, str):
+                self.journal.update_file(name, durable=0, encoded_offset=None, transfer_state=None)
                 return False
             receiver.resume_from(ResumePoint(offset, durable, state))
-            if receiver.offset:
+            if not receiver.offset:  # unusable: the file starts over, and the journal says so
+                self.journal.update_file(name, durable=0, encoded_offset=None, transfer_state=None)
+            else:
                 log.info(
                     "%s: resuming at byte %d of %d (image byte %d of %d)",
                     name,

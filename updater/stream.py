@@ -115,6 +115,10 @@ class FileStream:
         self._sync_request: tuple[int, int] | None = None  # (generation, offset)
         self._generation = 0  # bumped by restart(): a sync from before it must not count
         self._stopping = False
+        self._closed = False
+        # One sync at a time: a write-back error is reported to only one of two concurrent
+        # fdatasync calls, and a checkpoint must not succeed while the syncer's failed.
+        self._sync_io = threading.Lock()
         self._syncer = threading.Thread(target=self._sync_loop, name=f"syncer:{file_name}")
         self._syncer.daemon = True
         self._syncer.start()
@@ -194,11 +198,12 @@ class FileStream:
         self.checkpoint()
         self.sink.reset()
         self.hasher = Digests(self._methods)
-        self.on_bytes(-self.offset)
+        undone = self.offset
         with self._sync_lock:
             self._generation += 1
             self.offset = self.durable = self._buf_start = 0
             self.on_durable(0)
+        self.on_bytes(-undone)  # last: it may raise (a cancellation), the reset is done
 
     def finish(self) -> str:
         """Make everything durable; return the hex digest of all bytes of the file."""
@@ -210,6 +215,10 @@ class FileStream:
         return self.hasher.hexdigests()
 
     def close(self) -> None:
+        """Stop the threads (idempotent); the sink stays open (its owner closes it)."""
+        if self._closed:
+            return
+        self._closed = True
         self._hash_queue.put(None)  # passed on to the writer
         self._hash_thread.join()
         self._thread.join()
@@ -279,8 +288,12 @@ class FileStream:
 
     def _sync_to(self, generation: int, offset: int) -> None:
         """Sync the sink; the bytes before ``offset`` (all written before the call) are durable."""
-        if self._error is not None:
-            return
+        with self._sync_io:
+            if self._error is not None:
+                return
+            self._sync_locked(generation, offset)
+
+    def _sync_locked(self, generation: int, offset: int) -> None:
         try:
             self.sink.sync()
             with self._sync_lock:

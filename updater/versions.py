@@ -95,11 +95,16 @@ def check_package_version(
 
 
 def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
-    """Sort key of the natural order: digit runs compare as numbers and before text."""
-    return tuple(
-        (0, int(run), "") if run[0] in "0123456789" else (1, 0, run)
-        for run in _RUN.findall(version)
-    )
+    """Sort key of the natural order: digit runs compare as numbers (by length without leading
+    zeros, then digit by digit: no int() of a hostile 5000-digit run) and before text."""
+    key = []
+    for run in _RUN.findall(version):
+        if run[0] in "0123456789":
+            digits = run.lstrip("0")
+            key.append((0, len(digits), digits))
+        else:
+            key.append((1, 0, run))
+    return tuple(key)
 
 
 def _refuse_downgrade(
