@@ -12,8 +12,10 @@ STAMP := $(VENV)/.dev-installed
 
 # The real parts the tests run (docs/design.md, "Tests: real parts") and one binary proving
 # each package is there.
-DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux udev u-boot-tools zstd
-DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup udevadm mkimage zstd
+DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux udev u-boot-tools zstd \
+	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools fakeroot lintian mmdebstrap systemd
+DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup udevadm mkimage zstd \
+	dpkg-buildpackage dh dh_python3 pyproject-build fakeroot lintian mmdebstrap systemd-analyze
 
 .PHONY: test test-paho16 lint bench demo deps clean distclean
 
@@ -68,6 +70,32 @@ deps:
 	status=0; apt_install || { apt-get update && apt_install; } || status=$$?; \
 	if [ -n "$$own_policy" ]; then rm -f "$$policy"; fi; \
 	exit $$status
+
+# The Debian package (debian/), built from a clean copy of the work tree: the files git tracks
+# and the new ones it does not ignore, so never .venv, caches or earlier builds. Source and
+# binary packages land in $(DIST); lintian must find no error and no warning. Debian's own
+# tools and python3 only: no venv, pyenv or PYTHON* variables of the developer's shell.
+DIST ?= dist
+DEB_ENV := env -u VIRTUAL_ENV -u PYTHONPATH -u PYTHONHOME -u PYTHONSTARTUP -u PYTHONUSERBASE \
+	PATH=/usr/sbin:/usr/bin:/sbin:/bin
+.PHONY: package
+package: deps
+	@version=$$(dpkg-parsechangelog -S Version); \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	src="$$tmp/rpi-ab-updater-$$version"; mkdir "$$src"; \
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	    git ls-files -z --cached --others --exclude-standard -- . ':!:dist' \
+	        | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$$src"; \
+	else \
+	    tar --exclude-vcs --exclude=./.venv\* --exclude=./dist --exclude=./build \
+	        --exclude='*.egg-info' --exclude=__pycache__ --exclude='./.*_cache' \
+	        --exclude=./.hypothesis -cf - . | tar -xf - -C "$$src"; \
+	fi; \
+	(cd "$$src" && $(DEB_ENV) dpkg-buildpackage -us -uc); \
+	mkdir -p "$(DIST)"; \
+	cp "$$tmp"/rpi-ab-updater_"$$version"{_all.deb,.dsc,.tar.xz,_*.buildinfo,_*.changes} "$(DIST)/"; \
+	$(DEB_ENV) lintian --info --display-info --fail-on error,warning "$(DIST)/rpi-ab-updater_$${version}_"*.changes; \
+	ls -l "$(DIST)"/rpi-ab-updater_"$$version"*
 
 clean:
 	rm -rf .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info $(STAMP)
