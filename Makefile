@@ -12,14 +12,14 @@ STAMP := $(VENV)/.dev-installed
 
 # The real parts the tests run (docs/design.md, "Tests: real parts") and one binary proving
 # each package is there.
-DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux udev u-boot-tools zstd \
+DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux fdisk udev u-boot-tools zstd shellcheck \
 	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools fakeroot lintian mmdebstrap systemd
-DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup udevadm mkimage zstd \
+DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup sfdisk udevadm mkimage zstd shellcheck \
 	dpkg-buildpackage dh dh_python3 pyproject-build fakeroot lintian mmdebstrap systemd-analyze
 
 .PHONY: test test-paho16 lint bench demo deps clean distclean
 
-test: lint deps
+test: deps lint
 	$(BIN)/pytest -q
 	$(MAKE) test-paho16
 
@@ -33,6 +33,7 @@ test-paho16: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check updater tests
 	$(BIN)/mypy
+	shellcheck -x image-recipes/*.sh image-recipes/hooks/* hooks/*/*
 
 bench: deps $(STAMP)
 	$(BIN)/python -m tests.bench

@@ -781,3 +781,36 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(
     assert again.returncode == 0, again.stderr
     assert device.parts["B.boot"].read(boot.size) == boot.read_bytes()
     assert fault_proxy.requests[-1].headers.get("range") == f"bytes={2 * MiB}-"
+
+
+def test_a_cloned_part_gets_its_targets_post_install_hook(
+    image_device: Device, docroot: Docroot, nginx: Nginx, hook_dir: Path, tmp_path: Path
+) -> None:
+    """A rootfs-only package: boot B is a copy of boot A, whose cmdline.txt names root A. The
+    boot target's post-install hook (the one that makes a boot image right for its slot) runs
+    on the copy too, after the copy is complete."""
+    device = image_device
+    log = tmp_path / "hooks.log"
+    observe = write_hook(hook_dir, "observe", observer_body(log, device))
+    configured = targets(device)
+    configured[0]["post_install"] = str(observe)  # boot
+    device.write_config(targets=configured)
+    rootfs = docroot.add_random(2 * MiB, name="rootfs.img")
+    task = task_for([entry(rootfs, nginx.url(rootfs.name))], version="r1")
+
+    result = device.run("install", str(device.task_file(task)))
+
+    assert result.returncode == 0, result.stderr
+    records = read_records(log)
+    assert len(records) == 1, records
+    env, seen = records[0]
+    a_boot, b_boot = device.parts["A.boot"], device.parts["B.boot"]
+    assert env["RPI_UPDATER_FILE"] == ""
+    assert env["RPI_UPDATER_TARGET"] == "boot"
+    assert env["RPI_UPDATER_STAGE"] == "post-install"
+    assert env["RPI_UPDATER_SLOT"] == "B"
+    assert env["RPI_UPDATER_DEVICE"] == str(device.image)
+    assert env["RPI_UPDATER_DEVICE_OFFSET"] == str(b_boot.offset)
+    assert env["RPI_UPDATER_CLONED_FROM"] == str(device.image)
+    assert env["RPI_UPDATER_CLONED_FROM_OFFSET"] == str(a_boot.offset)
+    assert seen["B.boot"] == a_boot.digest(), "the hook saw the finished copy"

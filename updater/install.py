@@ -215,6 +215,27 @@ class Installer:
             extra={"device_size": str(item.device.size)} if item.device else {},
         )
 
+    def _clone_context(self, clone: CloneItem) -> HookContext:
+        """A cloned part's post-install hook: no file (``RPI_UPDATER_FILE`` empty), the copy
+        as the device, and where it was copied from."""
+        assert clone.target is not None
+        return HookContext(
+            task_id=self.plan.task.task_id,
+            version=self.plan.task.version,
+            file_name="",
+            target=clone.target.name,
+            target_kind="slot",
+            device=clone.dest.path,
+            device_offset=clone.dest.offset,
+            slot=self.plan.slot or "",
+            stage="post-install",
+            extra={
+                "device_size": str(clone.dest.size),
+                "cloned_from": clone.source.path,
+                "cloned_from_offset": str(clone.source.offset),
+            },
+        )
+
     def _install_file(self, item: FileItem) -> None:
         spec = item.spec
         record = self.journal.file(spec.name)
@@ -453,6 +474,13 @@ class Installer:
                     run_hook(
                         item.target.post_install,
                         self._context(item, "post-install"),
+                        timeout=self.config.hooks.timeout,
+                    )
+            for clone in self.plan.clones:
+                if clone.target is not None and clone.target.post_install:
+                    run_hook(
+                        clone.target.post_install,
+                        self._clone_context(clone),
                         timeout=self.config.hooks.timeout,
                     )
         except Exception:

@@ -51,11 +51,17 @@ class FileItem:
 
 @dataclass(frozen=True, slots=True)
 class CloneItem:
-    """A slot part the package does not bring: copied from the booted slot."""
+    """A slot part the package does not bring: copied from the booted slot.
+
+    ``target`` is the slot target for this part, when the configuration has one: its
+    post-install hook runs on the copy too, since whatever the hook makes right for the slot
+    written (a boot partition's ``cmdline.txt`` naming that slot's root) is wrong in a copy
+    of the other slot's part."""
 
     part: str
     source: Device
     dest: Device
+    target: TargetConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +298,10 @@ def _plan_clone(
         )
     _refuse_booted(dest, booted_parts, what)
     _refuse_in_use(dest, config, what)
-    return CloneItem(part, source, dest)
+    target = next((t for t in config.targets if t.kind == "slot" and t.part == part), None)
+    if target is not None and target.post_install:
+        _check_hook(target.post_install, what)
+    return CloneItem(part, source, dest, target)
 
 
 def _check_hook(program: str, file_name: str) -> None:
