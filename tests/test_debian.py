@@ -224,7 +224,7 @@ def test_package_contents(built: Built) -> None:
         "python3-zstandard",
     ):
         assert name in depends, f"Depends lacks {name}: {depends}"
-    assert _relations(_deb_field(built.deb, "Recommends")) == ["libubootenv-tool"]
+    assert _relations(_deb_field(built.deb, "Recommends")) == ["libubootenv-tool", "mtools"]
     assert _deb_field(built.deb, "Architecture").strip() == "all"
 
 
