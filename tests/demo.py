@@ -1,6 +1,7 @@
 """``make demo``: the whole update flow on this machine, with no Raspberry Pi.
 
-A stand-in A/B disk on loop devices, a private nginx over HTTPS (test CA) with our
+The device's A/B disk image as ``image-recipes/make-ab-image.sh`` builds it for a fleet, its
+slot partitions attached as loop devices, a private nginx over HTTPS (test CA) with our
 fault-injecting proxy in front of it, a private mosquitto (TLS, passwords, an ACL) standing in
 for the IoT Platform, and the updater as the daemon it is on a device. Then:
 
@@ -147,7 +148,7 @@ def make_root_image(work: Path, size: int) -> Path:
 
 
 def main() -> int:
-    missing = [b for b in ("mkfs.vfat", "mcopy", "mke2fs") if shutil.which(b) is None]
+    missing = [b for b in ("mkfs.vfat", "mcopy", "mke2fs", "sfdisk") if shutil.which(b) is None]
     if missing:
         print(f"demo: needs {', '.join(missing)} (make demo installs them as root)")
         return 1
@@ -278,14 +279,12 @@ class Demo:
 
     def story(self) -> bool:
         work = self.work
-        step("a stand-in Raspberry Pi: slot A runs version a0b0c0, slot B is free")
+        step("a stand-in Raspberry Pi: the A/B disk image, slot A runs version a0b0c0")
+        disk = self.make_disk()
         self.device = device = build_device(
-            work / "device",
-            loops=self.loops,
-            ca_file=self.nginx.ca_file,
-            boot_size=8 * MiB,
-            root_size=32 * MiB,
+            work / "device", loops=self.loops, ca_file=self.nginx.ca_file, disk=disk
         )
+        print("  its slot partitions, attached as loop devices (what the kernel would show):")
         for name, region in device.parts.items():
             print(f"  {name:7} {region.size // MiB:3} MiB  {region.path}")
         print(f"  kernel command line: {(device.root / 'cmdline').read_text().strip()}")
@@ -397,6 +396,31 @@ class Demo:
             f"  the device runs slot {status['booted']}, version {status['versions']['combined']}"
         )
         return ok and rolled == "B" and untouched and status["versions"]["combined"] == "a1b1c1"
+
+    def make_disk(self) -> Path:
+        """The device's disk, as image-recipes/make-ab-image.sh builds it for a fleet."""
+        boot, tree = self.work / "image" / "boot", self.work / "image" / "rootfs"
+        boot.mkdir(parents=True)
+        (boot / "config.txt").write_text("arm_64bit=1\n")
+        (boot / "cmdline.txt").write_text("console=serial0,115200 root=/dev/mmcblk0p2 rootwait\n")
+        (boot / "kernel8.img").write_bytes(os.urandom(MiB))  # a stand-in kernel
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc" / "os-release").write_text('PRETTY_NAME="demo rootfs b0"\n')
+        image = self.work / "image" / "disk.img"
+        cmd = [
+            str(REPO / "image-recipes" / "make-ab-image.sh"),
+            "--boot", "image/boot", "--rootfs", "image/rootfs", "--out", "image/disk.img",
+            "--autoboot-size", "40", "--boot-size", "40", "--root-size", "32",
+            "--data-size", "16",
+        ]  # fmt: skip
+        print(f"{DIM}$ {_wrapped(['image-recipes/make-ab-image.sh', *cmd[1:]])}{RESET}")
+        result = subprocess.run(cmd, cwd=self.work, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"demo: make-ab-image.sh failed:\n{result.stderr}")
+        for line in result.stdout.splitlines():
+            if line.startswith(("p", "#", "/")):
+                print(f"  {line}")
+        return image
 
     def package(self, n: str, mode: str) -> Path:
         """Build and upload package ``n`` (versions an bn cn) with ``rpi-updater bundle``."""

@@ -116,16 +116,25 @@ def build_device(
     boot_size: int = 4 * MiB,
     root_size: int = 16 * MiB,
     fill_booted: bool = True,
+    disk: Path | None = None,
 ) -> Device:
-    """Lay out bootA, bootB, rootA, rootB in one image and write a config for them."""
+    """Lay out bootA, bootB, rootA, rootB in one image and write a config for them.
+
+    With ``disk``, a whole A/B disk image (``image-recipes/make-ab-image.sh``) is used as it
+    is: its partitions 2, 3, 5 and 6 are the slots (read from its partition table).
+    """
     root.mkdir(parents=True, exist_ok=True)
-    image = make_sparse_image(root / "disk.img", 1 * MiB + 2 * boot_size + 2 * root_size)
-    layout = {
-        "A.boot": (1 * MiB, boot_size),
-        "B.boot": (1 * MiB + boot_size, boot_size),
-        "A.root": (1 * MiB + 2 * boot_size, root_size),
-        "B.root": (1 * MiB + 2 * boot_size + root_size, root_size),
-    }
+    if disk is not None:
+        image, layout = disk, disk_layout(disk)
+        fill_booted = False  # slot A holds what the image was built with
+    else:
+        image = make_sparse_image(root / "disk.img", 1 * MiB + 2 * boot_size + 2 * root_size)
+        layout = {
+            "A.boot": (1 * MiB, boot_size),
+            "B.boot": (1 * MiB + boot_size, boot_size),
+            "A.root": (1 * MiB + 2 * boot_size, root_size),
+            "B.root": (1 * MiB + 2 * boot_size + root_size, root_size),
+        }
     parts: dict[str, Region] = {}
     specs: dict[str, dict[str, object]] = {"A": {}, "B": {}}
     ids = {"A.boot": "02", "B.boot": "03", "A.root": "05", "B.root": "06"}
@@ -219,6 +228,22 @@ def build_device(
     }
     device.write_config()
     return device
+
+
+def disk_layout(image: Path) -> dict[str, tuple[int, int]]:
+    """The slot parts of an A/B disk image: partitions 2, 3 (boot), 5, 6 (root), by sfdisk."""
+    table = json.loads(
+        subprocess.run(
+            ["sfdisk", "--json", str(image)], capture_output=True, text=True, check=True
+        ).stdout
+    )["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    by_number = {int(str(p["node"]).rsplit("img", 1)[-1]): p for p in table["partitions"]}
+    names = {2: "A.boot", 3: "B.boot", 5: "A.root", 6: "B.root"}
+    return {
+        name: (int(by_number[n]["start"]) * sector, int(by_number[n]["size"]) * sector)
+        for n, name in names.items()
+    }
 
 
 @contextlib.contextmanager
