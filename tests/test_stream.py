@@ -4,12 +4,21 @@ any of its threads reach the caller, and a sync from before a restart never coun
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from updater.config import PartSpec
 from updater.errors import WriteError
+from updater.sinks import PartitionSink, _direct_ok
+from updater.slots import Device
 from updater.stream import FileStream
 
 MiB = 1 << 20
@@ -102,3 +111,65 @@ def test_a_restart_resets_durable_before_anything_else() -> None:
     finally:
         s.close()
     assert durable[-1] == 4 * MiB
+
+
+# -- the partition sink's O_DIRECT path ------------------------------------------------------------
+
+
+def _image_sink(path: Path, size: int) -> PartitionSink:
+    with path.open("wb") as f:
+        f.truncate(size)
+    part = Device(str(path), 4096, size - 4096, False, None, PartSpec("image", str(path)))
+    return PartitionSink(part, file_name="f", target="rootfs")
+
+
+def test_aligned_buffers_go_direct_and_the_rest_buffered_with_the_same_bytes() -> None:
+    """Aligned writes take O_DIRECT; an unaligned offset, length or a read-only buffer goes
+    through the page cache; the bytes are the same either way."""
+    path = Path(tempfile.mkdtemp(dir="/var/tmp")) / "part.img"
+    sink = _image_sink(path, 4 * MiB)
+    try:
+        assert sink._direct >= 0, "ext4 has O_DIRECT"
+        aligned = mmap.mmap(-1, MiB)
+        aligned.write(os.urandom(MiB))
+        assert _direct_ok(4096 + MiB, memoryview(aligned))
+        sink.write_at(MiB, memoryview(aligned))
+        tail = os.urandom(1000)
+        assert not _direct_ok(4096 + 2 * MiB, memoryview(tail))  # read-only, short
+        sink.write_at(2 * MiB, memoryview(tail))
+        assert not _direct_ok(4096 + 5, memoryview(aligned))  # misaligned offset
+        sink.write_at(5, memoryview(aligned)[:4096])
+        sink.sync()
+        assert sink.read_at(MiB, MiB) == aligned[:]
+        assert sink.read_at(2 * MiB, 1000) == tail
+        assert sink.read_at(5, 4096) == aligned[:4096]
+    finally:
+        sink.close()
+        shutil.rmtree(path.parent)
+
+
+def test_a_device_that_refuses_direct_writes_is_written_buffered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    path = Path(tempfile.mkdtemp(dir="/var/tmp")) / "part.img"
+    sink = _image_sink(path, 4 * MiB)
+    real = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if fd == sink._direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    try:
+        aligned = mmap.mmap(-1, MiB)
+        aligned.write(os.urandom(MiB))
+        sink.write_at(0, memoryview(aligned))
+        assert sink._direct == -1, "O_DIRECT given up after EINVAL"
+        sink.write_at(MiB, memoryview(aligned))
+        assert sink.read_at(0, MiB) == sink.read_at(MiB, MiB) == aligned[:]
+    finally:
+        sink.close()
+        shutil.rmtree(path.parent)

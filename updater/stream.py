@@ -13,6 +13,7 @@ offset is known to be on the target.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import queue
 import threading
 from collections.abc import Callable
@@ -59,7 +60,13 @@ class _Flush:
         self.done = threading.Event()
 
 
-_Item = tuple[int, bytearray, int] | _Flush | None
+_Item = tuple[int, mmap.mmap, int] | _Flush | None
+
+
+def _buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer (anonymous memory): a sink may hand it to the kernel with
+    O_DIRECT, which needs aligned memory, and skip the page cache's copy."""
+    return mmap.mmap(-1, size)
 
 
 class FileStream:
@@ -94,12 +101,12 @@ class FileStream:
         self.hasher = Digests(self._methods)
         self.offset = 0  # bytes accepted (written or queued)
         self.durable = 0  # bytes known to be on the sink after a sync
-        self._buf = bytearray(buffer_size)
+        self._buf = _buffer(buffer_size)
         self._fill = 0
         self._buf_start = 0
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for _ in range(BUFFERS):
-            self._free.put(bytearray(buffer_size))
+            self._free.put(_buffer(buffer_size))
         # Three stages, each on its own thread: the caller fills buffers, the hasher hashes
         # them, the writer writes them. Hashing and writing are the two heavy parts; on their
         # own threads they overlap (hashlib and pwrite release the GIL).
