@@ -2,8 +2,9 @@
 
 Checks, each with a timeout, all run (an operator wants every reason, not the first):
 
-- every configured systemd unit is active (``systemctl is-active``);
-- ``systemctl is-system-running --wait`` does not say "degraded" (configurable);
+- every configured systemd unit is active (``systemctl is-active``; one still activating is
+  waited for, up to the timeout);
+- ``systemctl is-system-running`` does not say "degraded" (configurable);
 - every executable in the health.d directory exits 0. They must be trusted like hooks
   (root-owned, not group/world-writable, every parent too), and run with a clean environment.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from updater.config import HealthConfig
@@ -21,6 +23,9 @@ from updater.hooks import check_trusted
 
 log = logging.getLogger("updater.health")
 
+_clock = time.monotonic  # module-level, so that tests can run the waiting on a fake clock
+_sleep = time.sleep
+
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -28,9 +33,9 @@ def run_checks(config: HealthConfig, *, slot: str, version: str) -> list[str]:
     """Every failed check as a sentence; an empty list means healthy."""
     failures: list[str] = []
     for unit in config.units:
-        ok, out = _run(["systemctl", "is-active", "--quiet", unit], config.timeout)
-        if not ok:
-            failures.append(f"unit {unit} is not active{_tail(out)}")
+        state = _unit_state(unit, config.timeout)
+        if state != "active":
+            failures.append(f"unit {unit} is not active: {state}")
     if config.system_running:
         # Not --wait: this check is part of the boot, which cannot finish while it runs.
         # "starting" is fine here; a unit that already failed makes the system "degraded".
@@ -46,6 +51,19 @@ def run_checks(config: HealthConfig, *, slot: str, version: str) -> list[str]:
     for failure in failures:
         log.warning("health check: %s", failure)
     return failures
+
+
+def _unit_state(unit: str, timeout: float, poll: float = 1.0) -> str:
+    """The unit's state once it has settled: a unit still "activating" (or "reloading") is
+    waited for, up to ``timeout``, since the check runs while the boot is still going."""
+    deadline = _clock() + timeout
+    while True:
+        _, out = _run(["systemctl", "is-active", unit], max(1.0, deadline - _clock()))
+        words = out.strip().splitlines()
+        state = words[-1].strip() if words else "unknown"
+        if state not in ("activating", "reloading", "deactivating") or _clock() >= deadline:
+            return state
+        _sleep(min(poll, max(0.0, deadline - _clock())))
 
 
 def _health_programs(directory: Path, failures: list[str]) -> list[Path]:
