@@ -103,7 +103,6 @@ def test_example_file_loads_to_the_expected_dataclasses() -> None:
                 match=("boot.img", "boot-*.img"),
                 kind="slot",
                 part="boot",
-                pre_install="/etc/rpi-updater/hooks/boot-pre",
                 post_install="/etc/rpi-updater/hooks/boot-post",
             ),
             TargetConfig(

@@ -195,7 +195,8 @@ def test_package_contents(built: Built) -> None:
     has("/usr/lib/tmpfiles.d/rpi-ab-updater.conf", "-rw-r--r--")
     has("/usr/share/man/man1/rpi-updater.1.gz", "-rw-r--r--")
     has("/usr/share/doc/rpi-ab-updater/examples/config.yaml", "-rw-r--r--")
-    for hook in ("kernel/post-install", "rootfs/post-install", "config/pre-install"):
+    hooks = ("kernel/post-install", "rootfs/post-install", "config/pre-install", "boot/boot-post")
+    for hook in hooks:
         has(f"/usr/share/rpi-ab-updater/hooks/{hook}", "-rwxr-xr-x")
     for unit in UNITS:
         assert any(p.endswith(f"/systemd/system/{unit}") for p in entries), f"no {unit}"
@@ -222,9 +223,10 @@ def test_package_contents(built: Built) -> None:
         "python3-yaml",
         "python3-cryptography",
         "python3-zstandard",
+        "mtools",  # the boot hook the default config names
     ):
         assert name in depends, f"Depends lacks {name}: {depends}"
-    assert _relations(_deb_field(built.deb, "Recommends")) == ["libubootenv-tool", "mtools"]
+    assert _relations(_deb_field(built.deb, "Recommends")) == ["libubootenv-tool"]
     assert _deb_field(built.deb, "Architecture").strip() == "all"
 
 
@@ -365,7 +367,10 @@ def _unit_settings(text: str) -> dict[str, list[str]]:
 def test_units_verify_and_are_enabled(root: Root) -> None:
     paths = [f"/lib/systemd/system/{unit}" for unit in UNITS]
     # multi-user.target too: its start transaction, with both units enabled, shows an ordering
-    # cycle (which verifying the units alone does not).
+    # cycle (which verifying the units alone does not); and with systemd's own boot-success
+    # check enabled, which is ordered after multi-user.target and before boot-complete.target.
+    enable = root.run("systemctl", "enable", "systemd-boot-check-no-failures.service")
+    assert enable.returncode == 0, enable.stdout + enable.stderr
     verify = root.run("systemd-analyze", "verify", *paths, "multi-user.target")
     output = verify.stdout + verify.stderr
     assert verify.returncode == 0, output
@@ -389,7 +394,12 @@ def test_units_verify_and_are_enabled(root: Root) -> None:
     assert health["Type"] == ["oneshot"] and health["RemainAfterExit"] == ["yes"]
     assert health["ExecStart"] == ["/usr/bin/rpi-updater health-check"]
     assert health["WantedBy"] == ["multi-user.target"]
-    assert "multi-user.target" not in " ".join(health.get("After", []))  # an ordering cycle
+    # After every service of the system, before systemd's "the boot succeeded" point, and
+    # without the default ordering that would put multi-user.target after it (a cycle).
+    assert health["DefaultDependencies"] == ["no"]
+    assert "multi-user.target" in " ".join(health["After"]).split()
+    assert "boot-complete.target" in " ".join(health["Before"]).split()
+    assert "rpi-updater-health.service" not in " ".join(agent.get("After", [])), "a cycle"
 
 
 def test_configuration_and_directories(root: Root) -> None:

@@ -32,8 +32,9 @@ CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 def run_checks(config: HealthConfig, *, slot: str, version: str) -> list[str]:
     """Every failed check as a sentence; an empty list means healthy."""
     failures: list[str] = []
+    deadline = _clock() + config.timeout  # one wait for all the units, not one each
     for unit in config.units:
-        state = _unit_state(unit, config.timeout)
+        state = _unit_state(unit, deadline)
         if state != "active":
             failures.append(f"unit {unit} is not active: {state}")
     if config.system_running:
@@ -53,15 +54,25 @@ def run_checks(config: HealthConfig, *, slot: str, version: str) -> list[str]:
     return failures
 
 
-def _unit_state(unit: str, timeout: float, poll: float = 1.0) -> str:
-    """The unit's state once it has settled: a unit still "activating" (or "reloading") is
-    waited for, up to ``timeout``, since the check runs while the boot is still going."""
-    deadline = _clock() + timeout
+def _unit_state(unit: str, deadline: float, poll: float = 1.0) -> str:
+    """The unit's state once it has settled. The check runs while the boot is still going, so a
+    unit still starting ("activating"), or with a start job not run yet (still "inactive"),
+    is waited for, until ``deadline``."""
     while True:
-        _, out = _run(["systemctl", "is-active", unit], max(1.0, deadline - _clock()))
-        words = out.strip().splitlines()
-        state = words[-1].strip() if words else "unknown"
-        if state not in ("activating", "reloading", "deactivating") or _clock() >= deadline:
+        ok, out = _run(
+            ["systemctl", "show", "--property=ActiveState", "--property=Job", "--", unit],
+            max(1.0, deadline - _clock()),
+            stdout_only=True,
+        )
+        if not ok:
+            return f"unknown ({out.strip()[-200:] or 'systemctl show failed'})"
+        props = dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
+        state = props.get("ActiveState", "").strip() or "unknown"
+        pending = bool(props.get("Job", "").strip())
+        settling = state in ("activating", "reloading", "deactivating") or (
+            state == "inactive" and pending
+        )
+        if not settling or _clock() >= deadline:
             return state
         _sleep(min(poll, max(0.0, deadline - _clock())))
 
@@ -83,7 +94,13 @@ def _health_programs(directory: Path, failures: list[str]) -> list[Path]:
     return programs
 
 
-def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[bool, str]:
+def _run(
+    cmd: list[str],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    *,
+    stdout_only: bool = False,
+) -> tuple[bool, str]:
     try:
         proc = subprocess.run(
             cmd,
@@ -101,6 +118,8 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> t
         return False, f"timed out after {timeout:g} s"
     except OSError as err:
         return False, f"cannot run {cmd[0]}: {err.strerror or err}"
+    if stdout_only:
+        return proc.returncode == 0, proc.stdout
     return proc.returncode == 0, (proc.stdout + proc.stderr)
 
 

@@ -488,6 +488,11 @@ class Installer:
             # the next run continues applying where this one stopped.
             names = {item.spec.name for item in self.plan.items if item.dest is not None}
             self._undo_files(lambda record: record.get("name") in names and _was_applied(record))
+            if self.journal.data.get("clones"):
+                # A retry copies them again: a post-install hook may have changed the copy, or
+                # refused it (a busy root copied while mounted), and a second copy may pass.
+                self.journal.data["clones"] = {}
+                self.journal.save()
             raise
 
     def _apply_file(self, item: FileItem) -> None:
