@@ -512,6 +512,59 @@ def run_hook(program: str, ctx: HookContext, *, timeout: float) -> None:
     log.info("hook %s succeeded", program)
 
 
+# The guard: a copy of the pipe's write end in a tiny shell that, told by the kernel that the
+# updater died (PDEATHSIG SIGTERM, which it traps), SIGKILLs the hook's whole process group and
+# only then lets the copy go. Without it, a kill -9 of the updater closes the pipe at once and
+# a process of the hook's group that PDEATHSIG does not reach (the ``cat`` of ``sh -c 'cat >
+# f && commit'``) can read a clean EOF of a partial file before the group is killed.
+_GUARD_SCRIPT = (
+    'trap \'kill -KILL -- "-$1" 2>/dev/null; kill "$!" 2>/dev/null; exit 0\' TERM; '
+    'while :; do sleep 600 3>&- & wait "$!"; done'
+)
+_GUARD_FD = 3
+
+
+def _guard_setup(parent: int, write_end: int, libc: ctypes.CDLL) -> Callable[[], None]:
+    def setup() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+        os.dup2(write_end, _GUARD_FD)
+
+    return setup
+
+
+class _Guard:
+    """Holds the hook's stdin open until its process group is dead, should the updater die."""
+
+    def __init__(self, write_end: int, pgid: int) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        try:
+            self.proc = subprocess.Popen(
+                ["/bin/sh", "-c", _GUARD_SCRIPT, "rpi-updater-guard", str(pgid)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                cwd="/",
+                close_fds=True,
+                pass_fds=(_GUARD_FD,),
+                start_new_session=True,
+                preexec_fn=_guard_setup(os.getpid(), write_end, ctypes.CDLL(None, use_errno=True)),
+            )
+        except OSError as err:
+            log.warning("no guard for the hook's stdin (%s): a kill -9 may show it an EOF", err)
+
+    def release(self) -> None:
+        """The updater ends the stream itself: the guard goes first (killed, not asked: its
+        trap would kill the hook), so that closing our write end is what the hook sees."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
 class HookStream:
     """A running ``hook`` target program that receives one file's bytes on its stdin.
 
@@ -532,6 +585,7 @@ class HookStream:
 
     def __init__(self, child: _Child, stdin_fd: int, ctx: HookContext, timeout: float) -> None:
         self._child = child
+        self._guard = _Guard(stdin_fd, child.pid)
         self._fd = stdin_fd
         self._ctx = ctx
         self._timeout = timeout
@@ -584,6 +638,7 @@ class HookStream:
         if self._state != "running":
             raise ValueError(f"finish of a {self._state} HookStream")
         self._state = "finished"
+        self._guard.release()
         os.close(self._fd)
         child = self._child
         if not child.exited(self._timeout):
@@ -610,6 +665,7 @@ class HookStream:
             return
         self._state = "aborted"
         self._child.stop_group()  # the group is dead (SIGKILL at the latest) ...
+        self._guard.release()
         os.close(self._fd)  # ... before its stdin closes: nobody reads a clean EOF
         self._child.log_output(logging.WARNING)
         log.warning("hook target %s aborted after %d bytes", self.program, self.bytes_written)
@@ -644,6 +700,7 @@ class HookStream:
             child.reap()
         else:
             child.stop_group()
+        self._guard.release()
         os.close(self._fd)
         child.log_output(logging.WARNING)
         raise self._err(
