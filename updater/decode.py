@@ -20,6 +20,7 @@ compressed bytes and lands as the image. Three promises are kept here:
 
 from __future__ import annotations
 
+import abc
 import lzma
 import threading
 import zlib
@@ -250,11 +251,25 @@ def _fcs_size(fhd: int) -> int:
 # --- xz and gzip: the standard library's decoders, with max_length ---------------------------
 
 
-class _XzDecoder:
-    """xz through :mod:`lzma`, bounded by ``max_length``; concatenated streams accepted."""
+class _Decompressor(Protocol):
+    """What :mod:`lzma` and :mod:`zlib` decompressor objects have in common."""
 
-    encoding = "xz"
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes, max_length: int = ..., /) -> bytes: ...
+
+
+class _LibDecoder(abc.ABC):
+    """A standard-library decoder bounded by ``max_length``; concatenated streams (or gzip
+    members), as the command-line tools write them, are accepted."""
+
+    encoding = ""
     resumable = False
+    _errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, file_name: str) -> None:
         self.file_name = file_name
@@ -264,76 +279,68 @@ class _XzDecoder:
         self._obj = self._new()
         self._fed = False
 
-    @staticmethod
-    def _new() -> lzma.LZMADecompressor:
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+    @abc.abstractmethod
+    def _new(self) -> _Decompressor:
+        """A decompressor for one stream (or member)."""
+
+    @abc.abstractmethod
+    def _next(self, out: bytes) -> bytes | None:
+        """What to decompress next when the stream has not ended: the rest of the input (or
+        b"" for output held back by ``max_length``), or None when more input is needed."""
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        pending = data
-        if pending and self._obj.eof:
+        pending: bytes | None = data
+        if data and self._obj.eof:
             self._obj = self._new()  # a concatenated stream starts in this piece
-        while pending or not self._obj.needs_input:
+        errors: tuple[type[Exception], ...] = (*self._errors, EOFError)
+        while pending is not None:
             self._fed = True
             try:
                 out = self._obj.decompress(pending, CHUNK)
-            except (lzma.LZMAError, EOFError) as err:
-                raise DecodeError(f"corrupt xz stream: {err}", file_name=self.file_name) from err
+            except errors as err:
+                raise DecodeError(
+                    f"corrupt {self.encoding} stream: {err}", file_name=self.file_name
+                ) from err
             if out:
                 yield out
             if self._obj.eof:
-                pending = self._obj.unused_data
-                if not pending:
+                if not self._obj.unused_data:
                     return
+                pending = self._obj.unused_data
                 self._obj = self._new()  # a concatenated stream
                 continue
-            pending = b""
+            pending = self._next(out)
 
     def finish(self) -> None:
         if self._fed and not self._obj.eof:
-            raise DecodeError("the xz stream is truncated", file_name=self.file_name)
+            raise DecodeError(f"the {self.encoding} stream is truncated", file_name=self.file_name)
 
 
-class _GzipDecoder:
-    """gzip through :mod:`zlib`, bounded by ``max_length``; concatenated members accepted."""
+class _XzDecoder(_LibDecoder):
+    encoding = "xz"
+    _errors = (lzma.LZMAError,)
 
+    def _new(self) -> _Decompressor:
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+
+    def _next(self, out: bytes) -> bytes | None:
+        obj = self._obj
+        assert isinstance(obj, lzma.LZMADecompressor)
+        return None if obj.needs_input else b""  # lzma keeps unread input itself
+
+
+class _GzipDecoder(_LibDecoder):
     encoding = "gzip"
-    resumable = False
+    _errors = (zlib.error,)
 
-    def __init__(self, file_name: str) -> None:
-        self.file_name = file_name
-        self.reset()
-
-    def reset(self) -> None:
-        self._obj = self._new()
-        self._fed = False
-
-    @staticmethod
-    def _new() -> zlib._Decompress:
+    def _new(self) -> _Decompressor:
         return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        pending = data
-        while True:
-            self._fed = True
-            try:
-                out = self._obj.decompress(pending, CHUNK)
-            except zlib.error as err:
-                raise DecodeError(f"corrupt gzip stream: {err}", file_name=self.file_name) from err
-            if out:
-                yield out
-            if self._obj.eof:
-                pending = self._obj.unused_data
-                if not pending:
-                    return
-                self._obj = self._new()  # a concatenated member
-                continue
-            pending = self._obj.unconsumed_tail
-            if not pending and len(out) < CHUNK:
-                return  # everything given is decoded; more output needs more input
-
-    def finish(self) -> None:
-        if self._fed and not self._obj.eof:
-            raise DecodeError("the gzip stream is truncated", file_name=self.file_name)
+    def _next(self, out: bytes) -> bytes | None:
+        tail: bytes = getattr(self._obj, "unconsumed_tail", b"")
+        if tail:
+            return tail
+        return b"" if len(out) == CHUNK else None  # output held back, or all done
 
 
 # --- the receiver: transfer digest, decoder, image stream, resume points ---------------------
