@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,18 @@ def journal_files(device: Device) -> list[dict[str, Any]]:
         raise AssertionError("the journal was seen half-written") from None
     assert isinstance(files, dict)
     return list(files.values())
+
+
+def kill_install_once(device: Device, task: Path, ready: Callable[[], bool]) -> None:
+    """``rpi-updater install TASK`` in the background, kill -9 once ``ready()`` holds."""
+    proc = device.start("install", str(task), "--progress", "none")
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert proc.poll() is None, "the install ended before it could be killed"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
 
 
 def state(device: Device) -> dict[str, Any]:
@@ -466,14 +479,7 @@ def test_a_killed_install_resumes_with_its_verified_manifest_not_a_second_fetch(
     package = vendor.publish(docroot, fault_proxy, files)
     fault_proxy.default = Fault(stall_after=2 * MiB, stall_seconds=0.3)
     task = device.task_file(package.task)
-    proc = device.start("install", str(task), "--progress", "none")
-    deadline = time.monotonic() + 60
-    while not any(f.get("durable") for f in journal_files(device)):
-        assert proc.poll() is None, "the install ended before it could be killed"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    kill_install_once(device, task, lambda: any(f.get("durable") for f in journal_files(device)))
     assert state(device)["state"] == "download"
     docroot.remove(f"{package.prefix}/manifest.json")  # expired
     fault_proxy.default = Fault()
@@ -493,13 +499,11 @@ def test_resume_verifies_the_kept_manifest_again(
     package = vendor.publish(docroot, fault_proxy, files)
     fault_proxy.default = Fault(stall_after=2 * MiB, stall_seconds=0.3)
     task = device.task_file(package.task)
-    proc = device.start("install", str(task), "--progress", "none")
-    deadline = time.monotonic() + 60
-    while not (device.state_dir / "state.json").exists() or state(device)["state"] != "download":
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    kill_install_once(
+        device,
+        task,
+        lambda: (device.state_dir / "state.json").exists() and state(device)["state"] == "download",
+    )
     vendor.trust(Key.new(), "next")
     vendor.revoke(vendor.key)
     fault_proxy.default = Fault()
@@ -576,13 +580,7 @@ def test_an_altered_copy_of_the_task_under_way_does_not_roll_it_back(
     package = vendor.publish(docroot, fault_proxy, files)
     fault_proxy.default = Fault(stall_after=2 * MiB, stall_seconds=0.3)
     task = device.task_file(package.task, "genuine.json")
-    proc = device.start("install", str(task), "--progress", "none")
-    deadline = time.monotonic() + 60
-    while not any(f.get("durable") for f in journal_files(device)):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    kill_install_once(device, task, lambda: any(f.get("durable") for f in journal_files(device)))
     fault_proxy.default = Fault()
     altered = json.loads(json.dumps(package.task))
     entry(altered, "rootfs.img")["fileSize"] += 1  # the manifest disagrees: refused

@@ -24,7 +24,6 @@ from pathlib import Path
 from updater.bootloader import Bootloader, make_bootloader
 from updater.config import Config
 from updater.errors import (
-    Cancelled,
     InvalidInput,
     PlanError,
     StateError,
@@ -32,7 +31,12 @@ from updater.errors import (
     VerificationError,
 )
 from updater.health import run_checks
-from updater.install import Installer, commit_file_targets, undo_file_targets
+from updater.install import (
+    Installer,
+    cancellable_sleep,
+    commit_file_targets,
+    undo_file_targets,
+)
 from updater.journal import Journal
 from updater.machine import RESUME, Event, Record, State, StateStore, next_state
 from updater.plan import InstallPlan, make_plan
@@ -122,7 +126,7 @@ class Flow:
         The task under way keeps its verified manifest: a restart does not fetch it again.
         """
         known = self.record.manifest if self.record.task_id == task.task_id else None
-        sleep = self._cancellable_sleep if self.cancel is not None else None
+        sleep = cancellable_sleep(self.cancel) if self.cancel is not None else None
         trusted = check_task(task, self.config, envelope=known, sleep=sleep)
         plan = make_plan(task, self.config, trusted)
         # The version policy too (checked again by install, under the state lock).
@@ -157,11 +161,6 @@ class Flow:
         self._enter(State.ROLLBACK)
         self._run(stop_at={State.IDLE})
         return True
-
-    def _cancellable_sleep(self, seconds: float) -> None:
-        assert self.cancel is not None
-        if self.cancel.wait(seconds):
-            raise Cancelled("a newer task replaces this one")
 
     def _installed(self) -> dict[str, str]:
         return {**self.config.factory_versions, **self.record.installed}

@@ -82,7 +82,7 @@ class Installer:
         self.plan = plan
         self.cancel = cancel
         if cancel is not None and sleep is None:
-            sleep = self._cancellable_sleep  # a back-off must not outlast a replacement
+            sleep = cancellable_sleep(cancel)  # a back-off must not outlast a replacement
         self.config = config
         self.progress = progress
         self.journal = journal or Journal.open(Path(config.state_dir))
@@ -290,7 +290,7 @@ class Installer:
             # The bytes on the target are wrong: never resumed from, never armed. The threads
             # stop first, so that no sync in flight records a resume point after the reset.
             stream.close()
-            self.journal.update_file(spec.name, durable=0, encoded_offset=None, transfer_state=None)
+            self._forget_progress(spec.name)
             sink.close()
             if item.dest is not None:
                 discard_staging(item.dest)
@@ -370,11 +370,11 @@ class Installer:
         if isinstance(receiver, DecodedStream):
             offset, state = record.get("encoded_offset"), record.get("transfer_state")
             if not isinstance(offset, int) or not isinstance(state, str):
-                self.journal.update_file(name, durable=0, encoded_offset=None, transfer_state=None)
+                self._forget_progress(name)
                 return False
             receiver.resume_from(ResumePoint(offset, durable, state))
             if not receiver.offset:  # unusable: the file starts over, and the journal says so
-                self.journal.update_file(name, durable=0, encoded_offset=None, transfer_state=None)
+                self._forget_progress(name)
             else:
                 log.info(
                     "%s: resuming at byte %d of %d (image byte %d of %d)",
@@ -389,10 +389,9 @@ class Installer:
         log.info("%s: resuming at byte %d of %d", name, durable, item.spec.size)
         return True
 
-    def _cancellable_sleep(self, seconds: float) -> None:
-        assert self.cancel is not None
-        if self.cancel.wait(seconds):
-            raise Cancelled("a newer task replaces this one")
+    def _forget_progress(self, name: str) -> None:
+        """Nothing of this file may be resumed from (wrong bytes, or an unusable resume point)."""
+        self.journal.update_file(name, durable=0, encoded_offset=None, transfer_state=None)
 
     def _on_bytes(self, n: int) -> None:
         """Progress, and the place where a cancellation stops the transfer (the download
@@ -519,6 +518,17 @@ class Installer:
 
     def _finish_restores(self) -> None:
         self._undo_files(lambda record: bool(record.get("restoring")))
+
+
+def cancellable_sleep(cancel: threading.Event) -> Callable[[float], None]:
+    """A sleep for retry back-offs that ends with :class:`Cancelled` once ``cancel`` is set
+    (a newer task replaces this one)."""
+
+    def sleep(seconds: float) -> None:
+        if cancel.wait(seconds):
+            raise Cancelled("a newer task replaces this one")
+
+    return sleep
 
 
 def _mismatch(item: FileItem, method: str, digest: str, image_sha256: str | None) -> str | None:
