@@ -29,6 +29,23 @@ readonly BOOT_PART_A=2 BOOT_PART_B=3 ROOT_PART_A=5 ROOT_PART_B=6
 # What the U-Boot flow needs (image-recipes/uboot/README.md).
 readonly UBOOT_KERNEL=kernel8.img # boot.cmd's default rpi_kernel, loaded from the slot's p2/p3
 
+# The machine the image is for (--platform). "pi": a Raspberry Pi (the firmware reads config.txt
+# and cmdline.txt; tryboot, or U-Boot started by the firmware). "qemu-x86": the system test's
+# virtual machine (tests/system): qemu-system-x86_64 with Debian's u-boot-qemu as its firmware,
+# always the U-Boot flow. Its slots' boot partitions hold vmlinuz (and initrd.img) only; the
+# boot script builds the whole kernel command line; U-Boot there stores no environment of its
+# own, so the image carries uboot.env and image-recipes/uboot/qemu-x86.cmd loads and saves it.
+PLATFORM=pi
+readonly QEMU_KERNEL=vmlinuz QEMU_INITRD=initrd.img
+
+# platform VALUE: check a --platform value.
+platform() {
+    case $1 in
+        pi | qemu-x86) echo "$1" ;;
+        *) die "--platform '$1': expected pi or qemu-x86" ;;
+    esac
+}
+
 # The systemd watchdog drop-in added to a root file system that sets no RuntimeWatchdogSec.
 readonly WATCHDOG_DROPIN=/etc/systemd/system.conf.d/rpi-ab-watchdog.conf
 # Where examples/config.yaml expects the boot target's post-install hook.
@@ -91,10 +108,16 @@ disk_id() {
 # partuuid DISK_ID NUMBER: the MBR PARTUUID the kernel and udev use (1234abcd-05).
 partuuid() { printf '%s-%02x' "$1" "$2"; }
 
-# check_boot_dir DIR UBOOT: the boot files must hold config.txt and a one-line cmdline.txt.
+# check_boot_dir DIR UBOOT: the boot files must hold config.txt and a one-line cmdline.txt
+# (on the qemu-x86 platform: the kernel).
 check_boot_dir() {
     local dir=$1 uboot=$2 lines
     [ -d "$dir" ] || die "--boot '$dir' is not a directory"
+    if [ "$PLATFORM" = qemu-x86 ]; then
+        [ -f "$dir/$QEMU_KERNEL" ] ||
+            die "--boot '$dir' has no $QEMU_KERNEL: qemu-x86.cmd loads it from the slot's boot partition"
+        return 0
+    fi
     [ -f "$dir/config.txt" ] || die "--boot '$dir' has no config.txt (the firmware's configuration)"
     [ -f "$dir/cmdline.txt" ] || die "--boot '$dir' has no cmdline.txt (the kernel command line template)"
     lines=$(tr -d '\r' <"$dir/cmdline.txt" | awk 'NF' | wc -l)
@@ -205,6 +228,36 @@ autoboot_txt() {
         "$BOOT_PART_A" "$BOOT_PART_B" >"$1"
 }
 
+# compile_boot_scr ARCH DISK_ID OUT CMD...: boot.scr from the CMD files concatenated (a platform
+# preamble, then boot.cmd), with this image's disk signature as rpi_disk's default.
+compile_boot_scr() {
+    local arch=$1 id=$2 scr=$3
+    shift 3
+    cat "$@" | sed "s/^\([[:space:]]*if test -z \"\${rpi_disk}\"; then setenv rpi_disk\) [0-9a-fA-F]\{8\};/\1 $id;/" \
+        >"$WORK/boot.cmd"
+    grep -q "setenv rpi_disk $id;" "$WORK/boot.cmd" ||
+        die "could not set the disk id in a copy of boot.cmd (its 'setenv rpi_disk' line changed?)"
+    mkimage -A "$arch" -O linux -T script -C none -n "rpi-ab boot" -d "$WORK/boot.cmd" \
+        "$scr" >/dev/null || die "mkimage could not compile boot.cmd"
+}
+
+# slot_env OUT DISK_ID INITIAL_ENV: uboot.env, as large as fw_env.config says (U-Boot's
+# CONFIG_ENV_SIZE), holding INITIAL_ENV's variables (U-Boot's u-boot-initial-env: a valid
+# uboot.env replaces U-Boot's built-in environment whole) and the slot variables, slot A.
+slot_env() {
+    local out=$1 id=$2 initial=$3 env_size ours
+    env_size=$(awk '$1 !~ /^#/ && NF >= 3 { print $3; exit }' "$RECIPES/uboot/fw_env.config")
+    ours='rpi_slot|upgrade_available|bootcount|bootlimit|rpi_boot_A|rpi_root_A|rpi_boot_B|rpi_root_B|rpi_disk'
+    {
+        tr -d '\r' <"$initial" | grep -Ev "^($ours)=" || true
+        printf '%s\n' rpi_slot=A upgrade_available=0 bootcount=0 bootlimit=3 \
+            "rpi_boot_A=$BOOT_PART_A" "rpi_root_A=$ROOT_PART_A" \
+            "rpi_boot_B=$BOOT_PART_B" "rpi_root_B=$ROOT_PART_B" "rpi_disk=$id"
+    } >"$WORK/env.txt"
+    mkenvimage -s "$env_size" -o "$out" "$WORK/env.txt" ||
+        die "mkenvimage could not build uboot.env (more than $env_size bytes?)"
+}
+
 # --- FAT (mkfs.vfat + mtools) ---------------------------------------------------------------------
 
 export MTOOLS_SKIP_CHECK=1 # mkfs.vfat's geometry need not be one mtools calls "standard"
@@ -308,6 +361,8 @@ make_boot_fat() {
     local img=$1 mib=$2 dir=$3 id=$4 part=$5 watchdog=$6
     fat_new "$img" "$mib" BOOT
     fat_copy_dir "$img" "$dir"
+    # qemu-x86: the boot script names the root on the command line it builds; no files to adapt.
+    [ "$PLATFORM" != qemu-x86 ] || return 0
     write_cmdline "$dir/cmdline.txt" "$WORK/cmdline.txt" "PARTUUID=$(partuuid "$id" "$part")" "$watchdog"
     fat_put "$img" "$WORK/cmdline.txt" cmdline.txt
     write_config_txt "$dir/config.txt" "$WORK/config.txt" "$watchdog" 0
@@ -316,6 +371,7 @@ make_boot_fat() {
 
 # set_boot_root IMG DISK_ID ROOT_PART WATCHDOG BOOT_DIR: point a built boot FAT at another root.
 set_boot_root() {
+    [ "$PLATFORM" != qemu-x86 ] || return 0
     write_cmdline "$5/cmdline.txt" "$WORK/cmdline.txt" "PARTUUID=$(partuuid "$2" "$3")" "$4"
     fat_put "$1" "$WORK/cmdline.txt" cmdline.txt
 }
@@ -337,7 +393,9 @@ systemd_watchdog_set() {
 #   /etc/fw_env.config                       U-Boot flow: where fw_setenv finds uboot.env
 #   /etc/systemd/system.conf.d/rpi-ab-watchdog.conf   RuntimeWatchdogSec=14s (docs, section 1)
 #   /etc/rpi-updater/hooks/boot-post         the boot target's post-install hook (README.md),
-#                                            when the tree has /etc/rpi-updater (the updater)
+#                                            when the tree has /etc/rpi-updater (the updater);
+#                                            not on qemu-x86, whose boot partitions have no
+#                                            cmdline.txt to adapt
 # The root partition of the image and the update's rootfs.img are made by this same function.
 make_root_ext4() {
     local img=$1 mib=$2 tree=$3 id=$4 uboot=$5 watchdog=$6
@@ -358,7 +416,7 @@ make_root_ext4() {
         ext4_install "$img" "$WORK/watchdog.conf" "$WATCHDOG_DROPIN" 0644
         note "root: added $WATCHDOG_DROPIN (RuntimeWatchdogSec=14s)"
     fi
-    if [ -d "$tree/etc/rpi-updater" ] && [ ! -e "$tree$BOOT_POST_HOOK" ]; then
+    if [ "$PLATFORM" = pi ] && [ -d "$tree/etc/rpi-updater" ] && [ ! -e "$tree$BOOT_POST_HOOK" ]; then
         # The hook learns the image's disk id here, so it never has to guess it on the device.
         sed "s/^disk_id=.*/disk_id=$id/" "$RECIPES/hooks/boot-post" >"$WORK/boot-post"
         ext4_install "$img" "$WORK/boot-post" "$BOOT_POST_HOOK" 0755

@@ -49,6 +49,11 @@ Boot flow:
   --uboot-bin FILE     u-boot.bin for --uboot (required with it)
   --uboot-env FILE     U-Boot's u-boot-initial-env: build uboot.env from it plus the slot
                        variables (without it, U-Boot's first boot writes uboot.env itself)
+  --platform P         pi (default) or qemu-x86: the system test's virtual machine (U-Boot
+                       flow, U-Boot is the machine's firmware so no --uboot-bin; --boot holds
+                       vmlinuz and initrd.img; p1 holds boot.scr, compiled from
+                       uboot/qemu-x86.cmd + uboot/boot.cmd, and uboot.env with the slot
+                       variables; no config.txt, cmdline.txt or watchdog settings)
   --no-watchdog        add no watchdog settings (dtparam=watchdog=on, panic=10, systemd's
                        RuntimeWatchdogSec): only when the inputs already have their own
 
@@ -84,6 +89,7 @@ while [ $# -gt 0 ]; do
         --data) data_dir=$value ;;
         --out) out=$value ;;
         --disk-id) id=$(disk_id "$value") ;;
+        --platform) PLATFORM=$(platform "$value") ;;
         --autoboot-size) autoboot_mib=$(size_mib "$value" "$option") ;;
         --boot-size) boot_mib=$(size_mib "$value" "$option") ;;
         --root-size) root_mib=$(size_mib "$value" "$option") ;;
@@ -103,15 +109,24 @@ at_least "$autoboot_mib" "$MIN_FAT_MIB" --autoboot-size
 at_least "$boot_mib" "$MIN_FAT_MIB" --boot-size
 at_least "$root_mib" "$MIN_EXT4_MIB" --root-size
 at_least "$data_mib" "$MIN_EXT4_MIB" --data-size
-if [ "$uboot" = 1 ]; then
+if [ "$PLATFORM" = qemu-x86 ]; then
+    if [ -n "$uboot_bin" ] || [ -n "$uboot_env" ]; then
+        die "--platform qemu-x86: U-Boot is the machine's firmware, no --uboot-bin or --uboot-env"
+    fi
+    [ -f "$RECIPES/uboot/qemu-x86.cmd" ] || die "$RECIPES/uboot/qemu-x86.cmd is missing"
+    uboot=1 watchdog=0
+fi
+if [ "$uboot" = 1 ] && [ "$PLATFORM" = pi ]; then
     [ -n "$uboot_bin" ] || die "--uboot needs --uboot-bin FILE (U-Boot built for this board)"
     [ -f "$uboot_bin" ] || die "--uboot-bin '$uboot_bin' is not a file"
     [ -s "$uboot_bin" ] || die "--uboot-bin '$uboot_bin' is empty"
     [ -z "$uboot_env" ] || [ -f "$uboot_env" ] || die "--uboot-env '$uboot_env' is not a file"
-    [ -f "$RECIPES/uboot/boot.cmd" ] || die "$RECIPES/uboot/boot.cmd is missing"
-    [ -f "$RECIPES/uboot/fw_env.config" ] || die "$RECIPES/uboot/fw_env.config is missing"
 elif [ -n "$uboot_bin" ] || [ -n "$uboot_env" ]; then
     die "--uboot-bin and --uboot-env belong to --uboot"
+fi
+if [ "$uboot" = 1 ]; then
+    [ -f "$RECIPES/uboot/boot.cmd" ] || die "$RECIPES/uboot/boot.cmd is missing"
+    [ -f "$RECIPES/uboot/fw_env.config" ] || die "$RECIPES/uboot/fw_env.config is missing"
 fi
 check_boot_dir "$boot_dir" "$uboot"
 check_root_dir "$root_dir" --rootfs
@@ -136,7 +151,7 @@ need e2fsck e2fsprogs
 need debugfs e2fsprogs
 if [ "$uboot" = 1 ]; then
     need mkimage u-boot-tools
-    [ -z "$uboot_env" ] || need mkenvimage u-boot-tools
+    if [ -n "$uboot_env" ] || [ "$PLATFORM" = qemu-x86 ]; then need mkenvimage u-boot-tools; fi
 fi
 
 # The state directory: on the data partition when the updater's state_dir lies under its mount.
@@ -208,6 +223,14 @@ if [ "$uboot" = 0 ]; then
     fat_new "$WORK/p1.fat" "$autoboot_mib" AUTOBOOT
     autoboot_txt "$WORK/autoboot.txt"
     fat_put "$WORK/p1.fat" "$WORK/autoboot.txt" autoboot.txt
+elif [ "$PLATFORM" = qemu-x86 ]; then
+    note "firmware partition: boot.scr (uboot/qemu-x86.cmd + uboot/boot.cmd), uboot.env"
+    fat_new "$WORK/p1.fat" "$autoboot_mib" FIRMWARE
+    compile_boot_scr x86 "$id" "$WORK/boot.scr" "$RECIPES/uboot/qemu-x86.cmd" "$RECIPES/uboot/boot.cmd"
+    fat_put "$WORK/p1.fat" "$WORK/boot.scr" boot.scr
+    # U-Boot here keeps no environment of its own: uboot.env holds the slot variables only.
+    slot_env "$WORK/uboot.env" "$id" /dev/null
+    fat_put "$WORK/p1.fat" "$WORK/uboot.env" uboot.env
 else
     note "firmware partition: $boot_dir (without kernel*.img), U-Boot, boot.scr"
     fat_new "$WORK/p1.fat" "$autoboot_mib" FIRMWARE
@@ -219,28 +242,13 @@ else
     write_cmdline "$boot_dir/cmdline.txt" "$WORK/cmdline.txt" '' "$watchdog"
     fat_put "$WORK/p1.fat" "$WORK/cmdline.txt" cmdline.txt
     fat_put "$WORK/p1.fat" "$uboot_bin" u-boot.bin
-    # boot.scr: boot.cmd with this image's disk signature, compiled.
-    sed "s/^\([[:space:]]*if test -z \"\${rpi_disk}\"; then setenv rpi_disk\) [0-9a-fA-F]\{8\};/\1 $id;/" \
-        "$RECIPES/uboot/boot.cmd" >"$WORK/boot.cmd"
-    grep -q "setenv rpi_disk $id;" "$WORK/boot.cmd" ||
-        die "could not set the disk id in a copy of boot.cmd (its 'setenv rpi_disk' line changed?)"
-    mkimage -A arm64 -O linux -T script -C none -n "rpi-ab boot" -d "$WORK/boot.cmd" \
-        "$WORK/boot.scr" >/dev/null || die "mkimage could not compile boot.cmd"
+    compile_boot_scr arm64 "$id" "$WORK/boot.scr" "$RECIPES/uboot/boot.cmd"
     fat_put "$WORK/p1.fat" "$WORK/boot.scr" boot.scr
     if [ -n "$uboot_env" ]; then
         # A valid uboot.env replaces U-Boot's built-in environment whole: it must carry U-Boot's
         # own defaults (u-boot-initial-env) as well as the slot variables, and be exactly as
         # large as fw_env.config says (U-Boot's CONFIG_ENV_SIZE).
-        env_size=$(awk '$1 !~ /^#/ && NF >= 3 { print $3; exit }' "$RECIPES/uboot/fw_env.config")
-        ours='rpi_slot|upgrade_available|bootcount|bootlimit|rpi_boot_A|rpi_root_A|rpi_boot_B|rpi_root_B|rpi_disk'
-        {
-            tr -d '\r' <"$uboot_env" | grep -Ev "^($ours)=" || true
-            printf '%s\n' rpi_slot=A upgrade_available=0 bootcount=0 bootlimit=3 \
-                "rpi_boot_A=$BOOT_PART_A" "rpi_root_A=$ROOT_PART_A" \
-                "rpi_boot_B=$BOOT_PART_B" "rpi_root_B=$ROOT_PART_B" "rpi_disk=$id"
-        } >"$WORK/env.txt"
-        mkenvimage -s "$env_size" -o "$WORK/uboot.env" "$WORK/env.txt" ||
-            die "mkenvimage could not build uboot.env (more than $env_size bytes?)"
+        slot_env "$WORK/uboot.env" "$id" "$uboot_env"
         fat_put "$WORK/p1.fat" "$WORK/uboot.env" uboot.env
     fi
 fi
@@ -296,7 +304,9 @@ mv -f "$partial" "$out"
 
 # --- the result ---------------------------------------------------------------------------------
 
-if [ "$uboot" = 1 ]; then
+if [ "$PLATFORM" = qemu-x86 ]; then
+    p1_role="boot.scr, uboot.env (U-Boot flow, qemu-x86)"
+elif [ "$uboot" = 1 ]; then
     p1_role="firmware, u-boot.bin, boot.scr${uboot_env:+, uboot.env} (U-Boot flow)"
 else
     p1_role="autoboot.txt: boot_partition=$BOOT_PART_A, [tryboot] boot_partition=$BOOT_PART_B"

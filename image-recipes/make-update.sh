@@ -49,6 +49,8 @@ Layout (must match the devices' image; sizes in MiB, or with M/G):
   --root-size N         rootfs.img size = the root partition's (default $DEFAULT_ROOT_MIB)
   --uboot               the devices use the U-Boot flow (/etc/fw_env.config in the root)
   --no-watchdog         add no watchdog settings (as make-ab-image.sh --no-watchdog)
+  --platform P          pi (default) or qemu-x86 (as make-ab-image.sh --platform: the U-Boot
+                        flow, boot.img holds the --boot files as they are)
 
   --images DIR          keep boot.img and rootfs.img there (default: a temporary directory)
   -h, --help            this text
@@ -94,6 +96,7 @@ while [ $# -gt 0 ]; do
         --rootfs-target) rootfs_target=$value ;;
         --compress) bundle_options+=(--compress "$value") ;;
         --disk-id) id=$(disk_id "$value") ;;
+        --platform) PLATFORM=$(platform "$value") ;;
         --boot-size) boot_mib=$(size_mib "$value" "$option") ;;
         --root-size) root_mib=$(size_mib "$value" "$option") ;;
         --images) images=$value ;;
@@ -111,6 +114,7 @@ done
 [ -f "$key" ] || die "--key '$key' is not a file (make one with: rpi-updater keygen --out DIR)"
 at_least "$boot_mib" "$MIN_FAT_MIB" --boot-size
 at_least "$root_mib" "$MIN_EXT4_MIB" --root-size
+if [ "$PLATFORM" = qemu-x86 ]; then uboot=1 watchdog=0; fi
 check_boot_dir "$boot_dir" "$uboot"
 check_root_dir "$root_dir" --rootfs
 for spec in "${extra_files[@]}"; do

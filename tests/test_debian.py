@@ -20,37 +20,36 @@ mirrors. On the 2-core development machine a run from scratch took 45 s, a cache
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import require
-
-REPO = Path(__file__).resolve().parent.parent
-PACKAGE = "rpi-ab-updater"
-SUITE = "bookworm"
-MIRRORS = (
-    "deb http://deb.debian.org/debian bookworm main",
-    "deb http://deb.debian.org/debian bookworm-updates main",
-    "deb http://deb.debian.org/debian-security bookworm-security main",
+from tests.harness.debroot import (
+    REPO,
+    SYSTEM_PATH,
+    Built,
+    Root,
+    base_tarball,
+    build_package,
+    deb_field,
+    extract,
+    relations,
 )
+from tests.harness.debroot import ok as _ok
+from tests.harness.debroot import run as _run
+
+PACKAGE = "rpi-ab-updater"
 # In the root besides the package's own relations: systemd-analyze, and man for the units'
 # Documentation=man:rpi-updater(1), which systemd-analyze verify checks.
 ROOT_EXTRAS = ("systemd", "man-db")
-CACHE = Path(os.environ.get("RPI_UPDATER_TEST_CACHE", "/var/cache/rpi-updater-test"))
-CACHE_FORMAT = 1  # bump when the way the base root is made changes
 UNITS = ("rpi-updater.service", "rpi-updater-health.service")
 CONFIG = "/etc/rpi-updater/config.yaml"
-SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Each tool, and the Debian package that brings it (all in the Makefile's DEB_PACKAGES).
 TOOLS = {
@@ -67,67 +66,7 @@ TOOLS = {
 PYPROJECT_PLUGIN = Path("/usr/share/dh-python/dhpython/build/plugin_pyproject.py")
 
 
-def _system_env(**extra: str) -> dict[str, str]:
-    """Debian's tools only: no venv, no pyenv, no PYTHON* variables; proxies pass through."""
-    env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": "/root"}
-    env.update({k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")})
-    env.update(extra)
-    return env
-
-
-def _run(
-    argv: Sequence[str],
-    *,
-    timeout: float,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(argv),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_system_env() if env is None else env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def _ok(proc: subprocess.CompletedProcess[str], what: str) -> str:
-    assert proc.returncode == 0, (
-        f"{what} failed with exit status {proc.returncode}\n"
-        f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    )
-    return proc.stdout
-
-
-def _changelog_version() -> str:
-    first = (REPO / "debian" / "changelog").read_text().splitlines()[0]
-    match = re.match(rf"{PACKAGE} \(([^)]+)\)", first)
-    assert match, f"debian/changelog: cannot read the version from {first!r}"
-    return match.group(1)
-
-
-def _relations(field: str) -> list[str]:
-    """Package names of a Depends/Recommends field: first alternatives, no versions, no :any."""
-    names = []
-    for relation in field.split(","):
-        if relation.strip():
-            first = relation.split("|")[0].split()[0]
-            names.append(first.split(":")[0])
-    return names
-
-
 # --------------------------------------------------------------------------- the package
-
-
-@dataclass(frozen=True)
-class Built:
-    version: str
-    deb: Path
-    changes: Path
-    log: str
 
 
 @pytest.fixture(scope="module")
@@ -142,25 +81,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         PYPROJECT_PLUGIN.exists(),
         "pybuild's pyproject plugin not installed (Debian package pybuild-plugin-pyproject)",
     )
-    dist = tmp_path_factory.mktemp("dist")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
-    }
-    proc = _run(["make", "package", f"DIST={dist}"], timeout=600, env=env, cwd=REPO)
-    log = _ok(proc, "make package") + proc.stderr
-    version = _changelog_version()
-    deb = dist / f"{PACKAGE}_{version}_all.deb"
-    changes = sorted(dist.glob(f"{PACKAGE}_{version}_*.changes"))
-    left = sorted(p.name for p in dist.iterdir())
-    assert deb.is_file(), f"make package left no {deb.name} in {dist}: {left}"
-    assert len(changes) == 1, f"expected one .changes in {dist}: {left}"
-    return Built(version, deb, changes[0], log)
-
-
-def _deb_field(deb: Path, field: str) -> str:
-    return _ok(_run(["dpkg-deb", "--field", str(deb), field], timeout=60), "dpkg-deb --field")
+    return build_package(tmp_path_factory.mktemp("dist"))
 
 
 def _deb_member(deb: Path, member: str) -> str:
@@ -213,7 +134,7 @@ def test_package_contents(built: Built) -> None:
     conffiles = _deb_member(built.deb, "conffiles").split()
     assert conffiles == [CONFIG]
 
-    depends = _relations(_deb_field(built.deb, "Depends"))
+    depends = relations(deb_field(built.deb, "Depends"))
     for name in (
         "python3",
         "python3-paho-mqtt",
@@ -226,97 +147,24 @@ def test_package_contents(built: Built) -> None:
         "mtools",  # the boot hook the default config names
     ):
         assert name in depends, f"Depends lacks {name}: {depends}"
-    assert _relations(_deb_field(built.deb, "Recommends")) == ["libubootenv-tool"]
-    assert _deb_field(built.deb, "Architecture").strip() == "all"
+    assert relations(deb_field(built.deb, "Recommends")) == ["libubootenv-tool"]
+    assert deb_field(built.deb, "Architecture").strip() == "all"
 
 
 # --------------------------------------------------------------------------- a fresh root
 
 
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
-    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
-
-
-def _base_tarball(packages: Sequence[str]) -> Path:
-    """A Debian 12 root (variant apt) with ``packages``, made by mmdebstrap once per list."""
-    key_data = {"format": CACHE_FORMAT, "suite": SUITE, "mirrors": MIRRORS, "packages": packages}
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
-    tarball = CACHE / f"base-{SUITE}-{key}.tar"
-    if tarball.is_file():
-        return tarball
-    CACHE.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, partial_name = tempfile.mkstemp(prefix=".base-", suffix=".tar", dir=CACHE)
-    os.close(fd)
-    partial = Path(partial_name)
-    try:
-        proc = _run(
-            [
-                "mmdebstrap",
-                "--variant=apt",
-                "--format=tar",
-                "--include=" + ",".join(packages),
-                SUITE,
-                str(partial),
-                *MIRRORS,
-            ],
-            timeout=900,
-        )
-        _ok(proc, "mmdebstrap (the Debian 12 root)")
-        partial.chmod(0o644)
-        partial.replace(tarball)
-    finally:
-        partial.unlink(missing_ok=True)
-    for old in CACHE.glob("base-*.tar"):  # roots of other package lists: made again if needed
-        if old != tarball:
-            old.unlink(missing_ok=True)
-    return tarball
-
-
-@dataclass(frozen=True)
-class Root:
-    path: Path
-
-    def run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """``argv`` chrooted into the root, with /proc, /sys and /dev mounted as on a machine.
-
-        The mounts live in a mount namespace of the command's own, so they end with it and
-        can never outlive a failed test (nor keep the root from being removed).
-        """
-        script = (
-            'mount -t proc proc "$0/proc" && mount -t sysfs sysfs "$0/sys"'
-            ' && mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"'
-        )
-        unshare = ["unshare", "--mount", "--propagation", "private"]
-        return _run(
-            [*unshare, "sh", "-c", script, str(self.path), *argv],
-            timeout=timeout,
-            env=_system_env(DEBIAN_FRONTEND="noninteractive"),
-        )
-
-
 @pytest.fixture(scope="module")
 def root(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Root]:
-    relations = _deb_field(built.deb, "Depends") + "," + _deb_field(built.deb, "Recommends")
-    packages = sorted({*_relations(relations), *ROOT_EXTRAS})
-    tarball = _base_tarball(packages)
-    path = tmp_path_factory.mktemp("root")
+    field = deb_field(built.deb, "Depends") + "," + deb_field(built.deb, "Recommends")
+    tarball = base_tarball("base", sorted({*relations(field), *ROOT_EXTRAS}))
+    the_root = Root(tmp_path_factory.mktemp("root"))
     try:
-        _ok(
-            _run(["tar", "--numeric-owner", "-xpf", str(tarball), "-C", str(path)], timeout=300),
-            f"extracting {tarball}",
-        )
-        shutil.copy(built.deb, path / "tmp" / built.deb.name)
-        the_root = Root(path)
-        # As an operator would; every relation is in the root already, so apt needs no network
-        # and says so if one is missing.
-        _ok(the_root.run("apt-get", "install", "-y", f"/tmp/{built.deb.name}"), "apt-get install")
+        extract(tarball, the_root.path)
+        the_root.install(built.deb)
         yield the_root
     finally:
-        leftover = _mounts_under(path)
-        assert not leftover, f"mounts left under the test root, not removing it: {leftover}"
-        shutil.rmtree(path)
+        the_root.remove()
 
 
 def test_command_runs_and_status_reports_what_is_missing(built: Built, root: Root) -> None:
