@@ -25,10 +25,14 @@ test: deps lint
 
 # The agent against Debian 12's paho-mqtt 1.6.1 too (Debian 13 and PyPI have 2.x).
 PAHO16 := .venv-paho16
-test-paho16: $(STAMP)
-	@test -x $(PAHO16)/bin/python || $(PYTHON) -m venv $(PAHO16)
-	@test -f $(PAHO16)/.installed || { $(PAHO16)/bin/python -m pip install --quiet -e '.[dev]' 'paho-mqtt==1.6.1' && touch $(PAHO16)/.installed; }
+test-paho16: $(PAHO16)/.installed
 	$(PAHO16)/bin/python -m pytest -q -p no:cacheprovider tests/test_agent.py
+
+# Like $(STAMP): installed again whenever pyproject.toml (the dependencies) changes.
+$(PAHO16)/.installed: pyproject.toml
+	@test -x $(PAHO16)/bin/python || $(PYTHON) -m venv $(PAHO16)
+	$(PAHO16)/bin/python -m pip install --quiet -e '.[dev]' 'paho-mqtt==1.6.1'
+	touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check updater tests

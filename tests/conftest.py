@@ -64,6 +64,23 @@ class _NoSkipsInCI:
             terminalreporter.write_line(f"SKIPPED (not allowed in CI) {nodeid}", red=True)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--system",
+        action="store_true",
+        help="run the system test in tests/system (a VM booting the A/B image: minutes; "
+        "`make system-test`); without it tests/system is not collected",
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/system only with --system: `make test` stays quick, `make system-test` runs it."""
+    system = Path(__file__).resolve().parent / "system"
+    if collection_path == system and not config.getoption("--system"):
+        return True
+    return None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if in_ci():
         config.pluginmanager.register(_NoSkipsInCI(), "no-skips-in-ci")

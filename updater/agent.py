@@ -160,6 +160,14 @@ def _failed(code: object) -> bool:
     return bool(is_failure) if is_failure is not None else code != 0
 
 
+def _refused(codes: object) -> bool:
+    """Whether a SUBACK refused any topic: paho 2 passes a list of ReasonCodes, paho 1.6 a tuple
+    of granted QoS ints (0x80 is the refusal). (The system test found a paho 1.6 SUBACK of
+    ``(1, 1)`` taken for a refusal: Debian 12's python3-paho-mqtt is 1.6.)"""
+    results = list(codes) if isinstance(codes, list | tuple) else [codes]
+    return any(c >= 0x80 if isinstance(c, int) else _failed(c) for c in results)
+
+
 # -- the agent -----------------------------------------------------------------------------------
 
 
@@ -246,9 +254,8 @@ class Agent:
     def _on_subscribe(
         self, client: mqtt.Client, userdata: object, mid: int, codes: object, *_: object
     ) -> None:
-        results = codes if isinstance(codes, list) else [codes]
-        if any(_failed(c) if not isinstance(c, int) else c >= 0x80 for c in results):
-            log.error("the broker refused a subscription (check its ACL): %s", results)
+        if _refused(codes):
+            log.error("the broker refused a subscription (check its ACL): %s", codes)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, *args: object) -> None:
         self.connected.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +54,14 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def make_tls_files(directory: Path, days: int = 30) -> TlsFiles:
+def make_tls_files(
+    directory: Path, days: int = 30, *, extra_ips: Sequence[str] = ()
+) -> TlsFiles:
     """Write ``ca.pem``, ``server.pem`` and ``server.key`` into ``directory``; return their paths.
 
     The validity starts a day in the past so a clock a little behind does not break the tests.
+    ``extra_ips`` are more addresses the server certificate is valid for (the system test's
+    guest reaches the host's loopback as 10.0.2.2).
     """
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
@@ -82,7 +87,11 @@ def make_tls_files(directory: Path, days: int = 30) -> TlsFiles:
 
     key = ec.generate_private_key(ec.SECP256R1())
     san = x509.SubjectAlternativeName(
-        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+        [
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.DNSName("localhost"),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
+        ]
     )
     cert = (
         x509.CertificateBuilder()
