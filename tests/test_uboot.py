@@ -1,9 +1,11 @@
 """The U-Boot backend and the shipped boot.cmd, against env files and the real libubootenv tools.
 
 Reboots are :class:`~tests.harness.ubootsim.UBootSim` runs: it interprets
-image-recipes/uboot/boot.cmd itself and persists with the real ``fw_setenv``, so what these
-tests see in the env file is what U-Boot would have left there. Linux's side is the real backend
-reading the command line the simulated U-Boot produced.
+image-recipes/uboot/boot.cmd itself, alone as on the Raspberry Pi (persisting with the real
+``fw_setenv``) and behind qemu-x86.cmd as in the VM (persisting with ``env export`` + ``fatwrite``
+into the same file), so what these tests see in the env file is what U-Boot would have left
+there. Linux's side is the real backend reading the command line the simulated U-Boot produced.
+The A/B scenarios run on both platforms (the ``platform`` fixture): one decision, two platforms.
 """
 
 from __future__ import annotations
@@ -17,8 +19,16 @@ import pytest
 
 from tests.harness import require
 from tests.harness.ubootsim import (
+    BOARD_ENV,
     BOOT_CMD,
+    BUILTIN_ENV,
     IMAGE_ENV,
+    MAXARGS,
+    PI,
+    QEMU_CMD,
+    QEMU_X86,
+    Command,
+    Platform,
     SimError,
     UBootSim,
     commands,
@@ -40,21 +50,38 @@ SAVED_EXTRAS = {
 }
 
 
+#: Names boot.cmd sets that are not part of its environment contract: they must never be saved.
+HELPERS = frozenset(
+    {"rpi_bootpart", "rpi_rootpart", "rpi_dev", "rpi_devnum", "rpi_bootargs", "bootargs"}
+)
+
+
 @pytest.fixture(autouse=True)
 def _libubootenv() -> None:
     require(shutil.which("fw_setenv") is not None, "fw_setenv missing (package libubootenv-tool)")
 
 
-class Rig:
-    """An env file, the backend reading it, and U-Boot booting from it."""
+@pytest.fixture(params=[PI, QEMU_X86], ids=lambda platform: platform.name)
+def platform(request: pytest.FixtureRequest) -> Platform:
+    """The Raspberry Pi (boot.cmd alone) and the qemu VM (qemu-x86.cmd + boot.cmd)."""
+    chosen: Platform = request.param
+    return chosen
 
-    def __init__(self, root: Path, *, redundant: bool = False, **env: str | None) -> None:
+
+class Rig:
+    """An env file, the backend reading it, and U-Boot booting from it. On the qemu platform the
+    env file's directory is FAT partition 1, where the preamble loads and saves uboot.env."""
+
+    def __init__(
+        self, root: Path, *, platform: Platform = PI, redundant: bool = False, **env: str | None
+    ) -> None:
         variables = {k: v for k, v in {**IMAGE_ENV, **env}.items() if v is not None}
         self.config = make_env(root / "boot", variables, redundant=redundant)
+        self.env_file = self.config.parent / "uboot.env"
         self.cmdline = root / "cmdline"
         self.cmdline.write_text("console=tty1 root=PARTUUID=1234abcd-05 rpi_updater.slot=A\n")
         self.uboot = UBoot(fw_env_config=self.config, cmdline=self.cmdline)
-        self.sim = UBootSim(self.config, cmdline_out=self.cmdline)
+        self.sim = UBootSim(self.config, platform=platform, cmdline_out=self.cmdline)
 
     def env(self) -> dict[str, str]:
         variables = printenv(self.config)
@@ -76,8 +103,8 @@ def _flip_byte(path: Path, offset: int) -> None:
 # --------------------------------------------------------------------------- a fresh environment
 
 
-def test_fresh_env_is_slot_a_without_trial(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
+def test_fresh_env_is_slot_a_without_trial(tmp_path: Path, platform: Platform) -> None:
+    rig = Rig(tmp_path, platform=platform)
     out = subprocess.run(
         ["fw_printenv", "-c", str(rig.config)], capture_output=True, text=True, check=True
     ).stdout
@@ -91,6 +118,37 @@ def test_fresh_env_is_slot_a_without_trial(tmp_path: Path) -> None:
     assert "root=PARTUUID=1234abcd-05" in rig.sim.last.cmdline
     assert rig.sim.last.boot_partition == 2
     assert rig.env() == IMAGE_ENV  # a boot without a trial writes nothing
+
+
+def test_qemu_first_boot_without_uboot_env_writes_it(tmp_path: Path) -> None:
+    """The VM's first power-on finds no uboot.env on partition 1: the preamble reports it, the
+    script takes its fresh-environment path and writes the file, and Linux can read it."""
+    rig = Rig(tmp_path, platform=QEMU_X86)
+    rig.env_file.unlink()
+    assert rig.sim.boot() == "A"
+    assert rig.sim.last.env_was_default
+    assert "rpi-ab: no uboot.env on virtio 0:1: using the default environment" in rig.sim.last.log
+    assert "rpi-ab: no valid rpi_slot (): writing a fresh environment, slot A" in rig.sim.last.log
+    assert rig.env() == IMAGE_ENV
+    rig.uboot.check()
+    assert rig.sim.boot() == "A"
+    assert not rig.sim.last.env_was_default
+
+
+def test_qemu_boots_the_bzimage_with_its_initrd(tmp_path: Path) -> None:
+    """zboot gets the slot's vmlinuz and initrd.img (at 0x8000000, clear of the decompressing
+    kernel) and a command line with the serial console, panic=5 and the A/B part."""
+    rig = Rig(tmp_path, platform=QEMU_X86)
+    rig.uboot.arm("B")
+    assert rig.sim.boot() == "B"
+    boot = rig.sim.last
+    assert (boot.boot_partition, boot.kernel, boot.initrd) == (3, "vmlinuz", "initrd.img")
+    assert boot.command[0] == "zboot"
+    assert (boot.command[1], boot.command[3]) == ("0x1000000", "0x8000000")
+    assert boot.cmdline == (
+        "console=ttyS0,115200 rw panic=5 root=PARTUUID=1234abcd-06 rootwait rpi_updater.slot=B"
+    )
+    assert rig.uboot.booted_slot() == "B"
 
 
 @pytest.mark.parametrize("redundant", [False, True])
@@ -139,8 +197,8 @@ def test_arming_the_primary_is_refused(tmp_path: Path) -> None:
         rig.uboot.arm("C")
 
 
-def test_trial_boot_then_commit(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
+def test_trial_boot_then_commit(tmp_path: Path, platform: Platform) -> None:
+    rig = Rig(tmp_path, platform=platform)
     rig.uboot.arm("B")
     assert rig.sim.boot() == "B"
     assert rig.sim.last.boot_partition == 3
@@ -170,9 +228,62 @@ def test_saveenv_persists_what_u_boot_would(tmp_path: Path) -> None:
     assert rig.env() == {**expected, "bootcount": "1"}
 
 
+def test_pi_never_saves_helper_variables(tmp_path: Path) -> None:
+    """saveenv stores all of memory: through a fresh env, a counted trial and a rollback the
+    stored env is the contract plus U-Boot's own, never a helper of step 3 (the header's
+    promise), and HELPERS is every name boot.cmd sets beyond its contract."""
+    set_by_script = {
+        c.words[1] for c in commands(parse_script(BOOT_CMD.read_text())) if c.words[0] == "setenv"
+    }
+    assert set_by_script - set(IMAGE_ENV) - set(SAVED_EXTRAS) == HELPERS
+    rig = Rig(tmp_path)
+    _flip_byte(rig.env_file, 10)
+    assert rig.sim.boot() == "A"  # the fresh-environment save, from the built-in default
+    assert rig.env() == {**BUILTIN_ENV, **BOARD_ENV, **IMAGE_ENV, **SAVED_EXTRAS}
+    rig.uboot.arm("B")
+    saved = []
+    for _ in range(4):  # three counted trial boots, then the rollback
+        rig.sim.boot()
+        saved.append(rig.env())
+    assert [s["bootcount"] for s in saved] == ["1", "2", "3", "0"]
+    for stored in saved:
+        assert not HELPERS & set(stored), stored
+        assert set(stored) == {*BUILTIN_ENV, *BOARD_ENV, *IMAGE_ENV, *SAVED_EXTRAS}
+
+
+def test_qemu_saves_exactly_the_ab_variables(tmp_path: Path) -> None:
+    """The VM's save is env export -c of the A/B variables alone: U-Boot's defaults, distro
+    boot's variables, the preamble's and the script's helpers all stay in memory. The file is
+    byte for byte what mkenvimage makes of those variables."""
+    rig = Rig(tmp_path, platform=QEMU_X86)
+    rig.uboot.arm("B")
+    expected = {**IMAGE_ENV, "rpi_slot": "B", "upgrade_available": "1"}
+    for count in ("1", "2", "3"):
+        assert rig.sim.boot() == "B"
+        assert rig.env() == {**expected, "bootcount": count}
+        assert rig.env_file.read_bytes() == env_image({**expected, "bootcount": count})
+    assert rig.sim.boot() == "A"  # the rollback's save
+    assert rig.env_file.read_bytes() == env_image(IMAGE_ENV)
+    _flip_byte(rig.env_file, 10)
+    assert rig.sim.boot() == "A"  # the fresh-environment save
+    assert rig.env_file.read_bytes() == env_image(IMAGE_ENV)
+
+
+def test_qemu_imports_only_the_ab_variables(tmp_path: Path) -> None:
+    """Whatever else Linux put into uboot.env is neither imported (it cannot replace the
+    preamble's rpi_boot or rpi_kernel) nor kept by U-Boot's next save."""
+    rig = Rig(tmp_path, platform=QEMU_X86, rpi_boot="reset", rpi_kernel="kernel8.img", other="1")
+    rig.uboot.arm("B")
+    assert rig.sim.boot() == "B"
+    assert (rig.sim.last.kernel, rig.sim.last.resets) == ("vmlinuz", 0)
+    assert rig.env() == {**IMAGE_ENV, "rpi_slot": "B", "upgrade_available": "1", "bootcount": "1"}
+
+
 @pytest.mark.parametrize("bootlimit", [1, 3, MAX_BOOTLIMIT])
-def test_uncommitted_trial_rolls_back_after_bootlimit(tmp_path: Path, bootlimit: int) -> None:
-    rig = Rig(tmp_path, bootlimit=None)
+def test_uncommitted_trial_rolls_back_after_bootlimit(
+    tmp_path: Path, platform: Platform, bootlimit: int
+) -> None:
+    rig = Rig(tmp_path, platform=platform, bootlimit=None)
     UBoot(fw_env_config=rig.config, cmdline=rig.cmdline, bootlimit=bootlimit).arm("B")
     for count in range(1, bootlimit + 1):
         assert rig.sim.boot() == "B"
@@ -187,8 +298,23 @@ def test_uncommitted_trial_rolls_back_after_bootlimit(tmp_path: Path, bootlimit:
     assert rig.sim.boot() == "A"
 
 
-def test_mark_bad_during_trial_boots_the_other_slot(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
+@pytest.mark.parametrize("stored", [*map(str, range(MAX_BOOTLIMIT + 1)), "9", "a", "x"])
+def test_bootcount_counts_without_setexpr(tmp_path: Path, platform: Platform, stored: str) -> None:
+    """The if/elif ladder: with bootlimit 8, 0..7 count on; 8 counts to 9, past the limit, and
+    anything else becomes 9 as well, so a value the updater never writes rolls back too."""
+    rig = Rig(
+        tmp_path, platform=platform, rpi_slot="B", upgrade_available="1", bootlimit="8",
+        bootcount=stored,
+    )  # fmt: skip
+    slot = rig.sim.boot()
+    if stored in map(str, range(MAX_BOOTLIMIT)):
+        assert (slot, rig.ab()) == ("B", ("B", "1", str(int(stored) + 1)))
+    else:
+        assert (slot, rig.ab()) == ("A", ("A", "0", "0"))
+
+
+def test_mark_bad_during_trial_boots_the_other_slot(tmp_path: Path, platform: Platform) -> None:
+    rig = Rig(tmp_path, platform=platform)
     rig.uboot.arm("B")
     assert rig.sim.boot() == "B"
     rig.uboot.mark_bad("B")  # the health check failed
@@ -206,15 +332,20 @@ def test_commit_is_idempotent_and_writes_nothing_when_committed(tmp_path: Path) 
     assert env_file.read_bytes() == before
 
 
-def test_missing_kernel_during_trial_resets_until_rollback(tmp_path: Path) -> None:
+def test_missing_kernel_during_trial_resets_until_rollback(
+    tmp_path: Path, platform: Platform
+) -> None:
     """A trial slot whose kernel will not load: the script resets, each run counts, and after
     bootlimit runs slot A boots, all within one power-on."""
-    rig = Rig(tmp_path)
-    sim = UBootSim(rig.config, cmdline_out=rig.cmdline, missing_kernels=frozenset({3}))
+    rig = Rig(tmp_path, platform=platform)
+    sim = UBootSim(
+        rig.config, platform=platform, cmdline_out=rig.cmdline, missing_kernels=frozenset({3})
+    )
     rig.uboot.arm("B")
     assert sim.boot() == "A"
     assert sim.last.resets == 3
     assert rig.ab() == ("A", "0", "0")
+    assert sum("cannot boot" in line for line in sim.last.log) == 3
 
 
 # --------------------------------------------------------------------------- damaged environments
@@ -239,10 +370,10 @@ def test_corrupt_env_is_an_error_not_a_reading(tmp_path: Path) -> None:
     assert env_file.read_bytes() == damaged  # nothing written over it
 
 
-def test_u_boot_repairs_a_corrupt_env_by_booting_slot_a(tmp_path: Path) -> None:
+def test_u_boot_repairs_a_corrupt_env_by_booting_slot_a(tmp_path: Path, platform: Platform) -> None:
     """What the device does next: U-Boot runs on its built-in default env, the script sees no
     rpi_slot, boots A and saves a complete env, which Linux can read again."""
-    rig = Rig(tmp_path)
+    rig = Rig(tmp_path, platform=platform)
     _flip_byte(rig.config.parent / "uboot.env", 10)
     assert rig.sim.boot() == "A"
     assert rig.sim.last.env_was_default
@@ -366,11 +497,129 @@ def test_boot_cmd_and_backend_share_the_contract() -> None:
     assert set(IMAGE_ENV) <= set_by_script  # the script has a default for every image variable
 
 
+def test_qemu_script_compiles_with_mkimage(tmp_path: Path) -> None:
+    """The VM's boot.scr: the preamble, then boot.cmd, as one x86 script image."""
+    require(shutil.which("mkimage") is not None, "mkimage missing (package u-boot-tools)")
+    source = tmp_path / "boot-qemu-x86.cmd"
+    source.write_text(QEMU_CMD.read_text() + BOOT_CMD.read_text())
+    scr = tmp_path / "boot.scr"
+    result = subprocess.run(
+        ["mkimage", "-A", "x86", "-O", "linux", "-T", "script", "-C", "none", "-d",
+         str(source), str(scr)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Script" in result.stdout
+
+
+def test_preamble_saves_the_image_variables_and_leaves_the_disk_id_to_boot_cmd() -> None:
+    """qemu-x86.cmd exports exactly the variables the image ships (the A/B contract), and the
+    one line the image recipe's sed rewrites (the disk signature) is boot.cmd's alone, so the
+    same sed works on boot.cmd and on the preamble + boot.cmd."""
+    setenvs = {
+        c.words[1]: c.words[2:]
+        for c in commands(parse_script(QEMU_CMD.read_text()))
+        if c.words[0] == "setenv"
+    }
+    assert setenvs["rpi_vars"][0].strip('"').split() == list(IMAGE_ENV)
+    assert len(setenvs["rpi_vars"][0].split()) + 6 <= MAXARGS  # env export -c -s SIZE ADDR names
+    disk_line = re.compile(
+        r'^[ \t]*if test -z "\$\{rpi_disk\}"; then setenv rpi_disk [0-9a-fA-F]{8};', re.M
+    )
+    assert len(disk_line.findall(BOOT_CMD.read_text())) == 1
+    assert not disk_line.findall(QEMU_CMD.read_text())
+    assert "rpi_disk" not in setenvs
+
+
+def test_boot_cmd_alone_needs_the_preamble_on_qemu(tmp_path: Path) -> None:
+    """Without its preamble boot.cmd takes the Pi's path, and the qemu build has no saveenv,
+    setexpr or firmware device tree: the simulator says so instead of pretending."""
+    config = make_env(tmp_path / "env", IMAGE_ENV)
+    sim = UBootSim(config, platform=QEMU_X86, script=BOOT_CMD)
+    with pytest.raises(SimError, match=r"boot.cmd line \d+: the qemu-x86 U-Boot has no 'saveenv'"):
+        sim.boot()  # nothing imported: the fresh-environment save
+    with pytest.raises(SimError, match="has no 'setexpr'"):
+        sim.execute("setexpr bootcount 1 + 1")
+    with pytest.raises(SimError, match="has no 'zboot'"):
+        UBootSim(config).execute("zboot 0x1000000 100")
+
+
+@pytest.mark.parametrize(
+    ("snippet", "printed"),
+    [
+        # Each as U-Boot 2023.01 (Debian's qemu-x86 build) printed it at its prompt.
+        ("setenv b hello; setenv a 'x ${b} y'; echo ${a}", ["x ${b} y"]),
+        ('setenv b hello; setenv c "v ${b}"; echo ${c}', ["v hello"]),
+        ("setenv b hello; setenv s 'echo one; echo two ${b}'; run s", ["one", "two hello"]),
+        ("setenv b hello; echo \"slot '${b}': x\"", ["slot ${b}: x"]),  # ' quotes inside "
+        ("setenv v 'a;b'; echo ${v}", ["a;b"]),  # no ; in a value: one command
+        ("setenv b hello; setenv w '${b}'; echo ${w}", ["${b}"]),  # no second expansion
+        ("setenv h '#x y'; echo A ${h} B", ["A"]),  # a value's # comments out the rest
+        ("setenv dq 'say \"two words\"'; echo ${dq}", ["say two words"]),
+        ('setenv t "1 = 1"; if test ${t}; then echo split; fi', ["split"]),
+        ("setenv f 'test 1 = 2'; if run f; then echo t; else echo f; fi", ["f"]),
+        (
+            "setenv r 'if test 1 = 2; then echo x; fi'; if run r; then echo 0; else echo 1; fi",
+            ["1"],
+        ),
+        ("run none; echo after", ['## Error: "none" not defined', "after"]),
+        (
+            "setenv x 1; setenv y 'setenv x 2; test 1 = 1'; if run y; then echo ok ${x}; fi",
+            ["ok 2"],
+        ),
+    ],
+)
+def test_hush_as_u_boot_runs_it(tmp_path: Path, snippet: str, printed: list[str]) -> None:
+    sim = UBootSim(make_env(tmp_path / "env"), platform=QEMU_X86)
+    assert list(sim.execute(snippet).log) == printed
+
+
+def test_setenv_with_an_empty_value_sets_it(tmp_path: Path) -> None:
+    """U-Boot: ``setenv e "${none}"`` stores e as empty, ``setenv e`` deletes it."""
+    sim = UBootSim(make_env(tmp_path / "env"), platform=QEMU_X86)
+    assert sim.execute('setenv e "${none}"').env["e"] == ""
+    assert "e" not in sim.execute('setenv e "${none}"; setenv e ${none}').env
+
+
+def test_hush_limits_the_simulator_enforces(tmp_path: Path) -> None:
+    sim = UBootSim(make_env(tmp_path / "env"), platform=QEMU_X86)
+    assert sim.execute("echo " + " ".join(map(str, range(1, MAXARGS)))).status == 0
+    with pytest.raises(SimError, match="CONFIG_SYS_MAXARGS"):
+        sim.execute("echo " + " ".join(map(str, range(1, MAXARGS + 1))))
+    with pytest.raises(SimError, match="unterminated"):
+        sim.execute('setenv b x; setenv q "it\'s ${b}"')  # hush waits for the closing '
+    with pytest.raises(SimError, match="where the kernel decompresses"):
+        sim.execute(
+            "fatload virtio 0:2 ${kernel_addr_r} vmlinuz; setenv k ${filesize}; "
+            "fatload virtio 0:2 ${ramdisk_addr_r} initrd.img; "
+            "zboot ${kernel_addr_r} ${k} ${ramdisk_addr_r} ${filesize}"
+        )
+
+
+def test_every_echo_is_an_rpi_ab_line() -> None:
+    """The system test watches the serial console for "rpi-ab:" lines: every echo of both
+    scripts, those in the preamble's run commands too, starts with it."""
+    found: list[Command] = []
+    for path in (QEMU_CMD, BOOT_CMD):
+        program = commands(parse_script(path.read_text(), path.name))
+        found += program
+        for c in program:  # the single-quoted commands a preamble defines for "run"
+            if c.words[0] == "setenv" and len(c.words) == 3 and c.words[2].startswith("'"):
+                found += commands(parse_script(c.words[2].strip("'"), f"run {c.words[1]}"))
+    echoes = [c for c in found if c.words[0] == "echo"]
+    assert len(echoes) >= 6
+    for c in echoes:
+        assert c.words[1].startswith('"rpi-ab: '), (c.source, c.line, c.words)
+
+
 def test_simulator_refuses_commands_it_does_not_know(tmp_path: Path) -> None:
     script = tmp_path / "boot.cmd"
-    script.write_text("setenv rpi_slot A\nrun bootcmd_mmc0\n")
-    with pytest.raises(SimError, match="does not know 'run'"):
+    script.write_text("setenv rpi_slot A\nmmc rescan\n")
+    with pytest.raises(SimError, match=r"boot.cmd line 2: ubootsim does not know 'mmc'"):
         UBootSim(make_env(tmp_path / "env"), script=script).boot()
+    script.write_text('echo "a\\"b"\n')
+    with pytest.raises(SimError, match="backslash"):
+        parse_script(script.read_text())
     script.write_text("test -n x && setenv a b\n")
     with pytest.raises(SimError, match="outside the supported hush subset"):
         parse_script(script.read_text())
