@@ -13,11 +13,14 @@ STAMP := $(VENV)/.dev-installed
 # The real parts the tests run (docs/design.md, "Tests: real parts") and one binary proving
 # each package is there.
 DEB_PACKAGES := nginx-light mosquitto libubootenv-tool mtools dosfstools e2fsprogs curl util-linux fdisk udev u-boot-tools zstd shellcheck \
-	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools fakeroot lintian mmdebstrap systemd
+	dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools fakeroot lintian mmdebstrap systemd \
+	qemu-system-x86 u-boot-qemu
 DEB_BINARIES := nginx mosquitto fw_printenv mcopy mkfs.vfat mkfs.ext4 curl losetup sfdisk udevadm mkimage zstd shellcheck \
-	dpkg-buildpackage dh dh_python3 pyproject-build fakeroot lintian mmdebstrap systemd-analyze
+	dpkg-buildpackage dh dh_python3 pyproject-build fakeroot lintian mmdebstrap systemd-analyze qemu-system-x86_64
+# Packages that bring no command: one file each proves them there.
+DEB_FILES := /usr/lib/u-boot/qemu-x86/u-boot.rom
 
-.PHONY: test test-paho16 lint bench demo deps clean distclean
+.PHONY: test test-paho16 system-test lint bench demo deps clean distclean
 
 test: deps lint
 	$(BIN)/pytest -q
@@ -33,6 +36,11 @@ $(PAHO16)/.installed: pyproject.toml
 	@test -x $(PAHO16)/bin/python || $(PYTHON) -m venv $(PAHO16)
 	$(PAHO16)/bin/python -m pip install --quiet -e '.[dev]' 'paho-mqtt==1.6.1'
 	touch $@
+
+# The whole system in a virtual machine (tests/system): the A/B image with U-Boot, systemd and
+# the built package, real reboots, four scenarios. Minutes, not seconds; CI runs it after `test`.
+system-test: deps $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider --system tests/system
 
 lint: $(STAMP)
 	$(BIN)/ruff check updater tests
@@ -60,6 +68,7 @@ deps:
 	for bin in $(DEB_BINARIES); do \
 	    PATH="$$PATH:/usr/sbin:/sbin" command -v "$$bin" >/dev/null || missing="$$missing $$bin"; \
 	done; \
+	for file in $(DEB_FILES); do test -e "$$file" || missing="$$missing $$file"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \
 	    echo "missing:$$missing (not root: not installing; the tests needing them will skip)"; \

@@ -396,3 +396,36 @@ def test_a_second_update_after_a_commit_needs_no_reboot_in_between(
     assert harness.boot() == "A"
     assert device.run("health-check").returncode == 0
     assert status(device)["versions"]["combined"] == "a2-boota2-roota2-conf"  # type: ignore[index]
+
+
+def test_a_reboot_command_ended_by_the_shutdown_it_started_counts_as_asked(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx
+) -> None:
+    """Without logind, ``systemctl reboot`` waits for the reboot job until the shutdown kills it
+    (SIGTERM), as the system test saw in its VM. The reboot was asked for: when the trial then
+    never reaches Linux (a panic, a hang), the old slot's boot reports the failure instead of
+    arming the same trial again (and again)."""
+    script = device.root / "reboot-then-killed"
+    script.write_text(f'#!/bin/sh\n"{harness.recorder}" "$@"\nkill -TERM $$\n')
+    script.chmod(0o755)
+    device.write_config(reboot={"policy": "now", "command": [str(script), "{reboot_arg}"]})
+    task, _ = package(docroot, nginx, "a1")
+
+    result = device.run("install", str(device.task_file(task)))
+
+    assert result.returncode == 0, result.stderr
+    assert "reboot required" not in result.stderr and "the reboot is under way" in result.stderr
+    assert harness.reboot_requests() == trial_request(harness)
+    # The trial boots of B die before the health check; the bootloader brings A back: tryboot
+    # after one try, U-Boot's counter after bootlimit (3) of them.
+    trials = 1 if harness.bootloader == "tryboot" else 3
+    assert [harness.boot() for _ in range(trials + 1)] == ["B"] * trials + ["A"]
+
+    checked = device.run("health-check")
+
+    assert "arming again" not in checked.stderr, checked.stderr
+    assert harness.reboot_requests() == [], "the failed trial was armed again"
+    info = status(device)
+    assert info["state"] == "idle" and info["booted"] == "A" and info["primary"] == "A"
+    last = info["last_result"]
+    assert isinstance(last, dict) and "did not reach the health check" in str(last["reason"])

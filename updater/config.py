@@ -935,12 +935,12 @@ def _parse_bootloader(value: object) -> BootloaderConfig:
 
 
 def _bootlimit(value: object, key: str) -> int:
-    """1..8: the boot script counts with setexpr (hex) and compares with test (decimal), which
-    agree only on single digits."""
+    """1..8: the boot script counts one digit (its ladder stops at 9; older scripts counted with
+    setexpr, in hex) and compares with test (decimal): they agree only on single digits."""
     limit = _positive_int(value, key)
     if limit > 8:
         raise _Invalid(
-            key, f"must be at most 8 (the boot script counts in one hex digit), not {limit}"
+            key, f"must be at most 8 (the boot script counts in one digit), not {limit}"
         )
     return limit
 

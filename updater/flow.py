@@ -536,14 +536,26 @@ class Flow:
         log.info("rebooting: %s", shlex.join(command))
         try:
             subprocess.run(command, check=True, timeout=60, stdin=subprocess.DEVNULL)
+        except subprocess.CalledProcessError as err:
+            if err.returncode >= 0:
+                self._reboot_failed(command, err, armed=armed)
+                return
+            # Ended by a signal: the shutdown it started stops the service's processes, this
+            # command too (without logind, `systemctl reboot` waits for the reboot job until
+            # the shutdown kills it; the system test found it). The reboot is under way: were
+            # it taken for "not asked", a trial that then fails to boot would be armed again.
+            log.info("%s ended by signal %d: the reboot is under way", command[0], -err.returncode)
         except (OSError, subprocess.SubprocessError) as err:
-            # The update is fine; only the reboot did not happen: say so and wait for one.
-            log.error("%s failed: %s; reboot required", shlex.join(command), err)
-            if armed:
-                self.record.reboot_issued = False
-                self.store.save(self.record)
+            self._reboot_failed(command, err, armed=armed)
             return
         self.rebooted = True
+
+    def _reboot_failed(self, command: list[str], err: Exception, *, armed: bool) -> None:
+        # The update is fine; only the reboot did not happen: say so and wait for one.
+        log.error("%s failed: %s; reboot required", shlex.join(command), err)
+        if armed:
+            self.record.reboot_issued = False
+            self.store.save(self.record)
 
     # -- status ----------------------------------------------------------------------------------
 

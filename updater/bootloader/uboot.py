@@ -6,7 +6,8 @@ contract; the script's header says the same):
 
 - ``rpi_slot``: ``A`` or ``B``, the slot U-Boot boots;
 - ``upgrade_available``: ``1`` while ``rpi_slot`` is on trial, else ``0`` (missing reads as 0);
-- ``bootcount``: trial boots so far, counted by the script (hex digits, ``setexpr`` writes them);
+- ``bootcount``: trial boots so far, counted by the script (one digit: an if/elif ladder today,
+  ``setexpr`` in hex in boot scripts before it, so it is read as hex);
 - ``bootlimit``: trial boots allowed (1..8); one more and the script switches ``rpi_slot`` back.
 
 Unlike firmware tryboot, arming does not leave the default alone for one special boot: it moves
@@ -49,8 +50,9 @@ VAR_SLOT = "rpi_slot"
 VAR_TRIAL = "upgrade_available"
 VAR_COUNT = "bootcount"
 VAR_LIMIT = "bootlimit"
-#: boot.cmd increments bootcount with ``setexpr``, which counts in hex: with ``bootlimit`` at
-#: most 8, ``bootcount`` stays one digit (<= 9), where hex and the decimal ``test -gt`` agree.
+#: boot.cmd counts bootcount one digit at a time (0..8 become one more, anything else 9; older
+#: boot scripts used ``setexpr``, which counts in hex): with ``bootlimit`` at most 8,
+#: ``bootcount`` stays one digit (<= 9), where hex, decimal and ``test -gt`` all agree.
 MAX_BOOTLIMIT = 8
 #: What libubootenv prints when the stored environment failed its CRC and it fell back to a
 #: default environment (0.3.x and later, fw_printenv and fw_setenv alike).
@@ -87,7 +89,7 @@ class UBoot:
             raise BootloaderError(
                 NAME,
                 f"bootlimit {bootlimit} is outside 1..{MAX_BOOTLIMIT} "
-                "(boot.cmd counts with setexpr, in hex: bootcount must stay one digit)",
+                "(boot.cmd counts one digit: bootcount must stay at most 9)",
             )
         self.fw_env_config = fw_env_config
         self.cmdline = cmdline
@@ -278,7 +280,8 @@ def _validate(variables: dict[str, str], config: Path) -> UBootEnv:
 
 
 def _number(variables: dict[str, str], name: str, base: int, config: Path) -> int | None:
-    """``bootcount`` is hex (``setexpr`` writes it), ``bootlimit`` decimal (``test`` reads it)."""
+    """``bootcount`` is read as hex (older boot scripts' ``setexpr`` wrote it so; one digit is
+    the same either way), ``bootlimit`` decimal (``test`` reads it)."""
     text = variables.get(name)
     if text is None:
         return None
