@@ -118,8 +118,11 @@ def test_probe_decides_and_says_why(blank_disk: Path, monkeypatch: pytest.Monkey
     print(accel.reason)
     assert accel.name in ("kvm", "tcg") and accel.reason.strip()
     assert "\n" not in accel.reason
-    assert accel.args == (("-accel", "kvm", "-cpu", "qemu64") if accel.name == "kvm" else
-                          ("-accel", "tcg,thread=multi"))
+    assert accel.args == (
+        ("-accel", "kvm", "-cpu", "qemu64")
+        if accel.name == "kvm"
+        else ("-accel", "tcg,thread=multi")
+    )
     monkeypatch.setenv("RPI_VM_ACCEL", "kvm")
     if accel.name == "kvm":
         assert vm.accelerator().name == "kvm"

@@ -939,9 +939,7 @@ def _bootlimit(value: object, key: str) -> int:
     setexpr, in hex) and compares with test (decimal): they agree only on single digits."""
     limit = _positive_int(value, key)
     if limit > 8:
-        raise _Invalid(
-            key, f"must be at most 8 (the boot script counts in one digit), not {limit}"
-        )
+        raise _Invalid(key, f"must be at most 8 (the boot script counts in one digit), not {limit}")
     return limit
 
 

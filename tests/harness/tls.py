@@ -54,9 +54,7 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def make_tls_files(
-    directory: Path, days: int = 30, *, extra_ips: Sequence[str] = ()
-) -> TlsFiles:
+def make_tls_files(directory: Path, days: int = 30, *, extra_ips: Sequence[str] = ()) -> TlsFiles:
     """Write ``ca.pem``, ``server.pem`` and ``server.key`` into ``directory``; return their paths.
 
     The validity starts a day in the past so a clock a little behind does not break the tests.
