@@ -8,6 +8,7 @@ Each step is a separate ``rpi-updater`` process, as across real reboots.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -398,17 +399,63 @@ def test_a_second_update_after_a_commit_needs_no_reboot_in_between(
     assert status(device)["versions"]["combined"] == "a2-boota2-roota2-conf"  # type: ignore[index]
 
 
+def killed_reboot(
+    device: Device,
+    harness: RebootHarness,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    signal: str,
+    state: str,
+) -> None:
+    """The reboot command records the request, then dies by ``signal``; ``systemctl
+    is-system-running`` answers ``state`` (a script first on PATH: no systemd runs here)."""
+    script = device.root / "reboot-then-killed"
+    script.write_text(f'#!/bin/sh\n"{harness.recorder}" "$@"\nkill -{signal} $$\n')
+    script.chmod(0o755)
+    device.write_config(reboot={"policy": "now", "command": [str(script), "{reboot_arg}"]})
+    tools = device.root / "tools"
+    tools.mkdir()
+    systemctl = tools / "systemctl"
+    systemctl.write_text(
+        f'#!/bin/sh\n[ "$1" = is-system-running ] && {{ echo {state}; exit 1; }}\nexit 3\n'
+    )
+    systemctl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize(("signal", "state"), [("SEGV", "stopping"), ("TERM", "running")])
+def test_a_reboot_command_killed_otherwise_is_a_failed_reboot(
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    nginx: Nginx,
+    monkeypatch: pytest.MonkeyPatch,
+    signal: str,
+    state: str,
+) -> None:
+    """A crash of the command, or a SIGTERM with no shutdown running: no reboot is coming."""
+    killed_reboot(device, harness, monkeypatch, signal=signal, state=state)
+    task, _ = package(docroot, nginx, "a1")
+
+    result = device.run("install", str(device.task_file(task)))
+
+    assert result.returncode == 0, result.stderr
+    assert "reboot required" in result.stderr and "under way" not in result.stderr
+    assert status(device)["state"] == "armed"
+
+
 def test_a_reboot_command_ended_by_the_shutdown_it_started_counts_as_asked(
-    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx
+    device: Device,
+    harness: RebootHarness,
+    docroot: Docroot,
+    nginx: Nginx,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without logind, ``systemctl reboot`` waits for the reboot job until the shutdown kills it
     (SIGTERM), as the system test saw in its VM. The reboot was asked for: when the trial then
     never reaches Linux (a panic, a hang), the old slot's boot reports the failure instead of
     arming the same trial again (and again)."""
-    script = device.root / "reboot-then-killed"
-    script.write_text(f'#!/bin/sh\n"{harness.recorder}" "$@"\nkill -TERM $$\n')
-    script.chmod(0o755)
-    device.write_config(reboot={"policy": "now", "command": [str(script), "{reboot_arg}"]})
+    killed_reboot(device, harness, monkeypatch, signal="TERM", state="stopping")
     task, _ = package(docroot, nginx, "a1")
 
     result = device.run("install", str(device.task_file(task)))

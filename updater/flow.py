@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
@@ -537,13 +538,14 @@ class Flow:
         try:
             subprocess.run(command, check=True, timeout=60, stdin=subprocess.DEVNULL)
         except subprocess.CalledProcessError as err:
-            if err.returncode >= 0:
+            # Killed by the shutdown it started: systemd stops the service's processes, this
+            # command too (without logind, `systemctl reboot` waits for the reboot job until
+            # then; the system test found it). The reboot is under way: were it taken for "not
+            # asked", a trial that then fails to boot would be armed again, and again. Any
+            # other end (an exit status, another signal, no shutdown running) is a failure.
+            if -err.returncode not in SHUTDOWN_SIGNALS or not system_stopping():
                 self._reboot_failed(command, err, armed=armed)
                 return
-            # Ended by a signal: the shutdown it started stops the service's processes, this
-            # command too (without logind, `systemctl reboot` waits for the reboot job until
-            # the shutdown kills it; the system test found it). The reboot is under way: were
-            # it taken for "not asked", a trial that then fails to boot would be armed again.
             log.info("%s ended by signal %d: the reboot is under way", command[0], -err.returncode)
         except (OSError, subprocess.SubprocessError) as err:
             self._reboot_failed(command, err, armed=armed)
@@ -587,6 +589,26 @@ class Flow:
         info["last_result"] = r.last_result or None
         info["failed_trials"] = r.failed_trials
         return info
+
+
+#: What systemd sends a service's processes when it stops them (KillSignal=, then SIGKILL).
+SHUTDOWN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL})
+
+
+def system_stopping() -> bool:
+    """systemd says the system is going down (``systemctl is-system-running``: stopping)."""
+    try:
+        result = subprocess.run(
+            ["systemctl", "is-system-running"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.stdout.strip() == "stopping"
 
 
 def reboot_command(config: Config, argument: str | None) -> list[str]:
