@@ -111,11 +111,13 @@ partuuid() { printf '%s-%02x' "$1" "$2"; }
 # check_boot_dir DIR UBOOT: the boot files must hold config.txt and a one-line cmdline.txt
 # (on the qemu-x86 platform: the kernel).
 check_boot_dir() {
-    local dir=$1 uboot=$2 lines
+    local dir=$1 uboot=$2 lines file
     [ -d "$dir" ] || die "--boot '$dir' is not a directory"
     if [ "$PLATFORM" = qemu-x86 ]; then
-        [ -f "$dir/$QEMU_KERNEL" ] ||
-            die "--boot '$dir' has no $QEMU_KERNEL: qemu-x86.cmd loads it from the slot's boot partition"
+        for file in "$QEMU_KERNEL" "$QEMU_INITRD"; do
+            [ -f "$dir/$file" ] ||
+                die "--boot '$dir' has no $file: qemu-x86.cmd loads it from the slot's boot partition"
+        done
         return 0
     fi
     [ -f "$dir/config.txt" ] || die "--boot '$dir' has no config.txt (the firmware's configuration)"

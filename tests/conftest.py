@@ -76,7 +76,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """tests/system only with --system: `make test` stays quick, `make system-test` runs it."""
     system = Path(__file__).resolve().parent / "system"
-    if collection_path == system and not config.getoption("--system"):
+    if collection_path.resolve() == system and not config.getoption("--system"):
         return True
     return None
 

@@ -846,3 +846,69 @@ def test_make_update_refuses_wrong_inputs(inputs: Inputs, tmp_path: Path) -> Non
 def test_scripts_are_executable() -> None:
     for script in (MAKE_IMAGE, MAKE_UPDATE, BOOT_HOOK):
         assert script.stat().st_mode & stat.S_IXUSR, f"{script} is not executable"
+
+
+# --- the system test's virtual machine (--platform qemu-x86) -------------------------------------
+
+
+def test_qemu_x86_variant(inputs: Inputs, tmp_path: Path) -> None:
+    """The system test's disk (tests/system), built quickly from stand-in files: U-Boot is the
+    machine's ROM, so p1 holds the boot script and the environment only; the slots' boot
+    partitions hold the kernel and the initrd as they are."""
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    (boot / "vmlinuz").write_bytes(os.urandom(300 * 1024))
+    (boot / "initrd.img").write_bytes(os.urandom(200 * 1024))
+    built = build_image(
+        tmp_path / "qemu", replace(inputs, boot=boot), "--platform", "qemu-x86", "--no-watchdog"
+    )
+    image, parts = built.image, built.parts
+    assert [n for n, p in parts.items() if p.bootable] == [1]
+    assert sorted(fat_names(image, parts[1])) == ["boot.scr", "uboot.env"]
+    scr = fat_bytes(image, parts[1], "boot.scr", tmp_path / "boot.scr")
+    assert "x86" in run("mkimage", "-l", tmp_path / "boot.scr").stdout
+    length = int.from_bytes(scr[64:68], "big")
+    script = scr[72 : 72 + length].decode()
+    uboot = RECIPES / "uboot"
+    assert script == (uboot / "qemu-x86.cmd").read_text() + (uboot / "boot.cmd").read_text()
+    # uboot.env: exactly the slot variables (this U-Boot stores no environment of its own).
+    fat_bytes(image, parts[1], "uboot.env", tmp_path / "uboot.env")
+    env_config = tmp_path / "fw_env.config"
+    env_config.write_text(f"{tmp_path / 'uboot.env'} 0x0000 0x4000\n")
+    assert printenv(env_config) == {
+        "rpi_slot": "A",
+        "upgrade_available": "0",
+        "bootcount": "0",
+        "bootlimit": "3",
+        "rpi_boot_A": "2",
+        "rpi_root_A": "5",
+        "rpi_boot_B": "3",
+        "rpi_root_B": "6",
+        "rpi_disk": DISK_ID,
+    }
+    for n in (2, 3):  # no cmdline.txt or config.txt to adapt: the files as they are
+        assert sorted(fat_names(image, parts[n])) == ["initrd.img", "vmlinuz"]
+        for name in ("vmlinuz", "initrd.img"):
+            got = fat_bytes(image, parts[n], name, tmp_path / f"{name}.{n}")
+            assert got == (boot / name).read_bytes()
+    root = extract(image, parts[5], tmp_path / "rootA.ext4")
+    assert ext4_cat(root, "/etc/fw_env.config") == (uboot / "fw_env.config").read_bytes()
+    files = ext4_files(root, tmp_path)
+    assert "etc/rpi-updater/hooks/boot-post" not in files  # nothing to adapt on these slots
+    assert not any("watchdog" in name for name in files)
+
+
+def test_qemu_x86_variant_refuses_what_it_cannot_boot(inputs: Inputs, tmp_path: Path) -> None:
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    (boot / "vmlinuz").write_bytes(b"kernel")
+    args: list[str | Path] = ["--rootfs", inputs.root, "--platform", "qemu-x86", *SIZE_ARGS]
+    no_initrd = run(MAKE_IMAGE, "--boot", boot, "--out", tmp_path / "a.img", *args, ok=False)
+    assert no_initrd.returncode == 1 and "has no initrd.img" in no_initrd.stderr
+    (boot / "initrd.img").write_bytes(b"initrd")
+    bin_given = run(
+        MAKE_IMAGE, "--boot", boot, "--out", tmp_path / "b.img", *args,
+        "--uboot-bin", inputs.uboot_bin, ok=False,
+    )  # fmt: skip
+    assert bin_given.returncode == 1 and "no --uboot-bin" in bin_given.stderr
+    assert not (tmp_path / "a.img").exists() and not (tmp_path / "b.img").exists()

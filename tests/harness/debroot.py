@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ MIRRORS = (
 )
 CACHE = Path(os.environ.get("RPI_UPDATER_TEST_CACHE", "/var/cache/rpi-updater-test"))
 CACHE_FORMAT = 1  # bump when the way a base root is made changes
+STALE_PARTIAL = 3600  # seconds: a partial tarball this old belongs to no running mmdebstrap
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -162,6 +164,9 @@ def base_tarball(kind: str, packages: Sequence[str], *, variant: str = "apt") ->
     if tarball.is_file():
         return tarball
     CACHE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for stale in CACHE.glob(f".{kind}-*.tar"):  # left by a killed run (not one still going)
+        if time.time() - stale.stat().st_mtime > STALE_PARTIAL:
+            stale.unlink(missing_ok=True)
     fd, partial_name = tempfile.mkstemp(prefix=f".{kind}-", suffix=".tar", dir=CACHE)
     os.close(fd)
     partial = Path(partial_name)

@@ -20,7 +20,7 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ __all__ = [
     "make_disk",
     "make_package",
     "panic_init",
+    "partition",
 ]
 
 #: What the guest sees of the host through qemu's user network: the host's loopback.
@@ -119,15 +120,15 @@ def build_tree(
     *,
     config: Mapping[str, object],
     files: Mapping[str, tuple[str | bytes, int]],
+    enable: Sequence[str] = (),
 ) -> VmTree:
     """Debian 12 with our package, ``config`` as /etc/rpi-updater/config.yaml and ``files``
-    (path -> (content, mode)) written over it; the kernel and initrd copied out for the boot
-    partitions."""
+    (path -> (content, mode)) written over it, the units ``enable`` enabled; the kernel and
+    initrd copied out for the boot partitions."""
     tree = Root(work / "rootfs")
     extract(vm_tarball(built), tree.path)
     tree.install(built.deb)
-    enable = tree.run("systemctl", "enable", "systemd-networkd.service")
-    ok(enable, "systemctl enable systemd-networkd")
+    ok(tree.run("systemctl", "enable", "systemd-networkd.service"), "enabling systemd-networkd")
     for slim in SLIM:
         shutil.rmtree(tree.path / slim, ignore_errors=True)
     vm = VmTree(tree, work / "boot")
@@ -139,6 +140,8 @@ def build_tree(
     vm.write("/etc/rpi-updater/config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
     for path, (content, mode) in files.items():
         vm.write(path, content, mode)
+    for unit in enable:
+        ok(tree.run("systemctl", "enable", unit), f"systemctl enable {unit}")
     return vm
 
 
@@ -177,9 +180,11 @@ def make_package(
     app_conf: Path,
     root_mib: int,
     layout: Layout,
+    images: Path,
 ) -> dict[str, object]:
     """A signed three-file package by the update recipe: boot.img (boot), rootfs.img (rootfs,
-    ``root_mib`` MiB) and app.conf (app-config); returns its task.json."""
+    ``root_mib`` MiB) and app.conf (app-config); returns its task.json. The images, as they
+    must land on the partitions (before compression), are kept in ``images``."""
     a, b, c = versions
     _recipe(
         "make-update.sh",
@@ -195,6 +200,7 @@ def make_package(
         "--file", f"{app_conf}=app-config={c}",
         "--boot-size", str(layout.boot),
         "--root-size", str(root_mib),
+        "--images", str(images),
     )  # fmt: skip
     task: dict[str, object] = json.loads((out / "task.json").read_text())
     return task
@@ -244,3 +250,13 @@ def host_runs(binary: bytes, tmp: Path) -> subprocess.CompletedProcess[bytes]:
     path.write_bytes(binary)
     path.chmod(0o755)
     return subprocess.run([str(path)], capture_output=True, timeout=10, check=False)
+
+
+def partition(disk: Path, number: int, size: int) -> bytes:
+    """The first ``size`` bytes of partition ``number`` of the disk image (sfdisk's table)."""
+    table = json.loads(ok(run(["sfdisk", "-J", str(disk)], timeout=60), "sfdisk -J"))
+    parts = table["partitiontable"]["partitions"]
+    start = next(p["start"] for p in parts if p["node"].endswith(str(number)))
+    with disk.open("rb") as f:
+        f.seek(start * 512)
+        return f.read(size)

@@ -28,6 +28,7 @@ cached). Each scenario has its own time limit; a failure shows the serial consol
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -54,12 +55,15 @@ from tests.system.image import (
     make_disk,
     make_package,
     panic_init,
+    partition,
 )
 from tests.system.vm import VM
 
 PK, DN = "a1B2c3D4e5F", "vm-0001"
+MiB = 1 << 20
 TOPIC = {kind: f"/ota/device/{kind}/{PK}/{DN}" for kind in ("inform", "upgrade", "progress")}
 KEY_NAME = "vendor-vm"
+RELEASE_UNIT = "rpi-vm-release.service"
 LAYOUT = Layout()
 FAILED_STEPS = ("-1", "-2", "-3", "-4")
 #: What boot.cmd echoes before it loads the chosen slot's kernel.
@@ -113,6 +117,16 @@ class World:
             f"U-Boot booted {match.group(0)!r}; expected slot {slot}, trial {int(trial)}"
         )
         return match.group(0)
+
+    def running(self, release: str, device: str, timeout: float = BOOT) -> None:
+        """The root file system ``release`` (its /etc/rpi-vm-release) runs, mounted from
+        ``device``: the slot's partition really holds the package's root."""
+        match = self.machine.expect(
+            r"rpi-vm-release: (\S+) on (\S+)", timeout, what=f"release {release} running"
+        )
+        assert match.groups() == (release, device), (
+            f"running {match.group(1)} from {match.group(2)}; expected {release} from {device}"
+        )
 
     # -- the platform ---------------------------------------------------------------------------
 
@@ -168,6 +182,12 @@ class World:
 
     # -- packages -------------------------------------------------------------------------------
 
+    def landed(self, name: str, part: int) -> bool:
+        """Whether package ``name``'s boot.img is on partition ``part`` of the disk, byte for
+        byte (the boot partitions are not mounted in the guest, so nothing changes them)."""
+        image = (self.work / f"build-{name}" / "images" / "boot.img").read_bytes()
+        return partition(self.disk, part, len(image)) == image
+
     def package(
         self,
         name: str,
@@ -194,6 +214,7 @@ class World:
             app_conf=app_conf,
             root_mib=root_mib,
             layout=LAYOUT,
+            images=build / "images",
         )
         shutil.copytree(out, self.nginx.root / name)  # the upload
         self.packages[name] = task
@@ -278,6 +299,15 @@ def _guest_files(ca_file: Path, broker: Mosquitto, pub: Path) -> dict[str, tuple
             0o755,
         ),
         "/etc/rpi-vm-release": ("b0\n", 0o644),
+        # Which root file system runs, from which partition: the test reads it on the console.
+        f"/etc/systemd/system/{RELEASE_UNIT}": (
+            "[Unit]\nDescription=Say which root file system runs (the system test reads it)\n"
+            "After=local-fs.target\n\n[Service]\nType=oneshot\n"
+            "ExecStart=/bin/sh -c 'echo \"rpi-vm-release: $(cat /etc/rpi-vm-release)"
+            " on $(findmnt -no SOURCE /)\"'\n"
+            "StandardOutput=journal+console\n\n[Install]\nWantedBy=multi-user.target\n",
+            0o644,
+        ),
     }
 
 
@@ -286,6 +316,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for tool in ("qemu-system-x86_64", "mmdebstrap", "mkimage", "mkenvimage", "sfdisk"):
         require(shutil.which(tool) is not None, f"{tool} not installed (`make deps`)")
     require(Path("/usr/lib/u-boot/qemu-x86/u-boot.rom").is_file(), "u-boot-qemu not installed")
+    require(os.geteuid() == 0, "building the root file system and installing the .deb needs root")
     work = tmp_path_factory.mktemp("system")
     started = time.monotonic()
     built = build_package(work / "dist")
@@ -303,6 +334,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             work,
             config=_guest_config(broker),
             files=_guest_files(tls.ca_file, broker, work / "keys" / f"{KEY_NAME}.pub"),
+            enable=[RELEASE_UNIT],
         )
         disk = work / "disk.img"
         data = work / "data"
@@ -325,6 +357,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def test_0_first_boot_reports_the_factory_version(world: World) -> None:
     vm = world.power_on()
     world.booted("A", trial=False)
+    world.running("b0", "/dev/vda5")
     world.inform("a0b0c0")
     vm.expect(r"Reached target.*Multi-User System", BOOT, what="multi-user.target")
 
@@ -332,6 +365,7 @@ def test_0_first_boot_reports_the_factory_version(world: World) -> None:
 def test_1_signed_update_reboots_into_the_new_slot_and_commits(world: World) -> None:
     world.tree.write("/etc/rpi-vm-release", "b1\n")
     world.package("1", ("a1", "b1", "c1"))
+    active_boot = partition(world.disk, 2, LAYOUT.boot * MiB)
     start = world.push("1")
     final = world.wait(
         lambda k, p: k == "progress" and p.get("step") in ("100", *FAILED_STEPS),
@@ -340,7 +374,10 @@ def test_1_signed_update_reboots_into_the_new_slot_and_commits(world: World) -> 
     )
     assert final["step"] == "100", final
     world.booted("B", trial=True, timeout=BOOT)
+    world.running("b1", "/dev/vda6")
     world.inform("a1b1c1")
+    assert world.landed("1", 3), "slot B's boot partition is not boot.img of a1b1c1"
+    assert partition(world.disk, 2, LAYOUT.boot * MiB) == active_boot, "the active slot changed"
     steps = [p["step"] for p in world.progress_between(start, world.seen)]
     assert not set(steps) & set(FAILED_STEPS), f"failure reported: {steps}"
     assert steps[-1] == "100", steps
@@ -360,7 +397,9 @@ def test_2_failing_health_check_goes_back_to_the_old_slot(world: World) -> None:
         world.tree.write("/etc/rpi-vm-release", "b1\n")
     world.push("2")
     world.booted("A", trial=True, timeout=UPDATE)
+    world.running("b2", "/dev/vda5")
     world.booted("B", trial=False)  # the updater marked A bad and rebooted
+    world.running("b1", "/dev/vda6")
     failure = world.wait(
         lambda k, p: k == "progress" and p.get("step") in FAILED_STEPS,
         BOOT,
@@ -391,9 +430,11 @@ def test_3_root_that_panics_is_rolled_back_by_the_boot_counter(
     for count in (1, 2, 3):
         line = world.booted("A", trial=True, timeout=UPDATE if count == 1 else BOOT)
         assert f"bootcount {count}/3" in line, line
+        vm.expect(r"rpi-ab-vm: this root file system cannot boot", BOOT, what="the broken init")
         vm.expect(r"Kernel panic - not syncing: Attempted to kill init", BOOT, what="the panic")
     vm.expect(r"rpi-ab: slot A failed 3 trial boots: rolling back", BOOT, what="the rollback")
     world.booted("B", trial=False)
+    world.running("b1", "/dev/vda6")
     failure = world.wait(
         lambda k, p: k == "progress" and p.get("step") in FAILED_STEPS,
         BOOT,
@@ -426,7 +467,9 @@ def test_4_power_cut_during_the_download_resumes_after_the_reboot(world: World) 
     world.power_on()
     world.booted("B", trial=False)  # nothing armed yet: the power went mid-download
     world.booted("A", trial=True, timeout=UPDATE)
+    world.running("b4", "/dev/vda5")
     world.inform("a4b4c4")
+    assert world.landed("4", 2), "slot A's boot partition is not boot.img of a4b4c4"
     resumed = [r for r in world.proxy.requests[before:] if r.path.endswith("rootfs.img")]
     assert resumed, "rootfs.img was not requested again after the power cut"
     first = resumed[0].headers.get("range") or resumed[0].headers.get("Range") or ""
