@@ -40,7 +40,7 @@ $(PAHO16)/.installed: pyproject.toml
 # The whole system in a virtual machine (tests/system): the A/B image with U-Boot, systemd and
 # the built package, real reboots, four scenarios. Minutes, not seconds; CI runs it after `test`.
 system-test: deps $(STAMP)
-	$(BIN)/pytest -q -x -p no:cacheprovider --system tests/system
+	$(BIN)/pytest -q -x -p no:cacheprovider --durations=0 --system tests/system
 
 lint: $(STAMP)
 	$(BIN)/ruff check updater tests

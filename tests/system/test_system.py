@@ -159,6 +159,17 @@ class World:
                 raise AssertionError(f"qemu exited ({self.vm.returncode}) while waiting for {what}")
             time.sleep(0.2)
 
+    def failure(self, version: str, timeout: float = BOOT) -> dict[str, Any]:
+        """The failure report of ``version``: a progress message with step -1 (the trial
+        failed), its params returned for the ``desc``."""
+        params = self.wait(
+            lambda k, p: k == "progress" and p.get("step") in FAILED_STEPS,
+            timeout,
+            f"the failure of {version}",
+        )
+        assert params["step"] == "-1", params
+        return params
+
     def inform(self, version: str, timeout: float = BOOT) -> None:
         self.wait(
             lambda k, p: k == "inform" and p.get("version") == version,
@@ -400,12 +411,7 @@ def test_2_failing_health_check_goes_back_to_the_old_slot(world: World) -> None:
     world.running("b2", "/dev/vda5")
     world.booted("B", trial=False)  # the updater marked A bad and rebooted
     world.running("b1", "/dev/vda6")
-    failure = world.wait(
-        lambda k, p: k == "progress" and p.get("step") in FAILED_STEPS,
-        BOOT,
-        "the failure of a2b2c2",
-    )
-    assert failure["step"] == "-1", failure
+    failure = world.failure("a2b2c2")
     assert "health check failed" in failure["desc"], failure
     assert "the app does not answer" in failure["desc"], failure
     world.inform("a1b1c1")
@@ -435,12 +441,7 @@ def test_3_root_that_panics_is_rolled_back_by_the_boot_counter(
     vm.expect(r"rpi-ab: slot A failed 3 trial boots: rolling back", BOOT, what="the rollback")
     world.booted("B", trial=False)
     world.running("b1", "/dev/vda6")
-    failure = world.wait(
-        lambda k, p: k == "progress" and p.get("step") in FAILED_STEPS,
-        BOOT,
-        "the failure of a3b3c3",
-    )
-    assert failure["step"] == "-1", failure
+    failure = world.failure("a3b3c3")
     assert "came back on slot B" in failure["desc"], failure
     world.inform("a1b1c1")
 
