@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from tests.harness.ubootsim import (
     PI,
     QEMU_CMD,
     QEMU_X86,
+    Block,
     Command,
     Platform,
     SimError,
@@ -52,7 +55,19 @@ SAVED_EXTRAS = {
 
 #: Names boot.cmd sets that are not part of its environment contract: they must never be saved.
 HELPERS = frozenset(
-    {"rpi_bootpart", "rpi_rootpart", "rpi_dev", "rpi_devnum", "rpi_bootargs", "bootargs"}
+    {
+        "rpi_bootpart",
+        "rpi_rootpart",
+        "rpi_dev",
+        "rpi_devnum",
+        "rpi_bootargs",
+        "bootargs",
+        "rpi_saved",
+    }
+)
+#: The console lines the system test (tests/system/test_system.py) waits for.
+BOOTING = re.compile(
+    r"rpi-ab: booting slot ([AB]) \(boot partition \d+, trial ([01]), bootcount (\d+)/(\d+)\)"
 )
 
 
@@ -313,6 +328,37 @@ def test_bootcount_counts_without_setexpr(tmp_path: Path, platform: Platform, st
         assert (slot, rig.ab()) == ("A", ("A", "0", "0"))
 
 
+@pytest.mark.parametrize("stored", [str(MAX_BOOTLIMIT + 1), "10", "0", "x"])
+def test_bootlimit_outside_1_to_8_counts_as_3(
+    tmp_path: Path, platform: Platform, stored: str
+) -> None:
+    """bootlimit 9 or more never rolled back (bootcount stops at 9, and 9 -gt 9 is false), 0 or
+    junk rolled back at once: the script takes 3 instead, in memory; the trial's save stores it,
+    and the trial rolls back after 3 boots."""
+    rig = Rig(
+        tmp_path, platform=platform, rpi_slot="B", upgrade_available="1", bootcount="0",
+        bootlimit=stored,
+    )  # fmt: skip
+    for count in ("1", "2", "3"):
+        assert rig.sim.boot() == "B"
+        assert rig.ab() == ("B", "1", count)
+        assert rig.env()[VAR_LIMIT] == "3"
+    assert f"rpi-ab: bootlimit {stored} is not 1..8: using 3" in rig.sim.boots[0].log
+    assert rig.sim.boot() == "A"
+    assert "rpi-ab: slot B failed 3 trial boots: rolling back" in rig.sim.last.log
+    assert rig.ab() == ("A", "0", "0")
+
+
+def test_bootlimit_is_corrected_in_memory_only(tmp_path: Path, platform: Platform) -> None:
+    """Without a trial nothing is saved: the stored bootlimit stays as it was."""
+    rig = Rig(tmp_path, platform=platform, bootlimit="9")
+    before = rig.env_file.read_bytes()
+    assert rig.sim.boot() == "A"
+    assert "rpi-ab: bootlimit 9 is not 1..8: using 3" in rig.sim.last.log
+    assert any(BOOTING.fullmatch(line) and line.endswith("0/3)") for line in rig.sim.last.log)
+    assert rig.env_file.read_bytes() == before
+
+
 def test_mark_bad_during_trial_boots_the_other_slot(tmp_path: Path, platform: Platform) -> None:
     rig = Rig(tmp_path, platform=platform)
     rig.uboot.arm("B")
@@ -413,6 +459,139 @@ def test_env_without_a_valid_slot_is_refused(tmp_path: Path) -> None:
         Rig(tmp_path / "limit", bootlimit="9").uboot.check()
 
 
+# --------------------------------------------------------------------------- a save that fails
+
+
+def _failing_fw_setenv(tmp_path: Path) -> str:
+    wrapper = tmp_path / "fw_setenv_fails"
+    wrapper.write_text('#!/bin/sh\necho "Cannot write environment" >&2\nexit 1\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_trial_is_not_booted_when_its_count_cannot_be_saved(
+    tmp_path: Path, platform: Platform
+) -> None:
+    """A damaged partition 1 (saveenv on the Pi, fatwrite in the VM fail): a trial boot that
+    cannot be counted would, if it panics, come back uncounted forever. So U-Boot boots the old
+    slot instead, changing nothing stored, and Linux sees a failed trial; once the partition
+    takes writes again, the trial goes on where it was."""
+    rig = Rig(tmp_path, platform=platform)
+    rig.uboot.arm("B")
+    armed = rig.env_file.read_bytes()
+    rig.sim.unwritable = {1}
+    for _ in range(4):
+        assert rig.sim.boot() == "A"
+        log = rig.sim.last.log
+        assert (
+            "rpi-ab: cannot save the environment: not booting trial slot B uncounted, booting A"
+        ) in log
+        booting = [m for m in map(BOOTING.fullmatch, log) if m]
+        assert [m.groups() for m in booting] == [("A", "0", "0", "3")]
+        assert rig.sim.last.boot_partition == 2
+        assert rig.sim.last.cmdline.endswith(
+            "root=PARTUUID=1234abcd-05 rootwait rpi_updater.slot=A"
+        )
+        assert rig.env_file.read_bytes() == armed
+    # Linux's view: booted A while B is armed: not the trial, A is primary (a failed trial).
+    assert rig.uboot.booted_slot() == "A"
+    assert not rig.uboot.is_trial()
+    assert rig.uboot.primary_slot() == "A"
+    rig.sim.unwritable.clear()
+    assert rig.sim.boot() == "B"
+    assert rig.ab() == ("B", "1", "1")
+
+
+def test_trial_of_slot_a_falls_back_to_b_when_the_save_fails(
+    tmp_path: Path, platform: Platform
+) -> None:
+    rig = Rig(tmp_path, platform=platform, rpi_slot="A", upgrade_available="1", bootcount="1")
+    rig.sim.unwritable = {1}
+    assert rig.sim.boot() == "B"
+    assert (
+        "rpi-ab: cannot save the environment: not booting trial slot A uncounted, booting B"
+    ) in rig.sim.last.log
+    assert rig.ab() == ("A", "1", "1")
+
+
+def test_rollback_boots_even_when_it_cannot_be_saved(tmp_path: Path, platform: Platform) -> None:
+    """The rollback's save fails: the old slot boots all the same, and the next boot, which
+    finds the trial still at its limit, rolls back again."""
+    rig = Rig(tmp_path, platform=platform, rpi_slot="B", upgrade_available="1", bootcount="3")
+    rig.sim.unwritable = {1}
+    for _ in range(2):
+        assert rig.sim.boot() == "A"
+        log = rig.sim.last.log
+        assert "rpi-ab: slot B failed 3 trial boots: rolling back" in log
+        assert (
+            "rpi-ab: cannot save the environment: the rollback to slot A is not stored, "
+            "the next boot rolls back again"
+        ) in log
+        assert rig.ab() == ("B", "1", "3")
+    rig.sim.unwritable.clear()
+    assert rig.sim.boot() == "A"
+    assert rig.ab() == ("A", "0", "0")
+
+
+def test_pi_saveenv_fails_when_fw_setenv_does(tmp_path: Path) -> None:
+    """The Pi's saveenv is the real fw_setenv here: when that fails, saveenv returns 1, and the
+    trial does not boot."""
+    rig = Rig(tmp_path)
+    rig.uboot.arm("B")
+    sim = UBootSim(
+        rig.config, cmdline_out=rig.cmdline, tools=("fw_printenv", _failing_fw_setenv(tmp_path))
+    )
+    assert sim.boot() == "A"
+    assert any("Failed (1)" in line and "Cannot write" in line for line in sim.last.log)
+    assert rig.ab() == ("B", "1", "0")
+
+
+def test_a_fresh_environment_that_cannot_be_saved_still_boots_a(
+    tmp_path: Path, platform: Platform
+) -> None:
+    """No trial, nothing lost: the fresh-environment save fails and slot A boots; the stored
+    environment stays unreadable (Linux refuses to update until a save works)."""
+    rig = Rig(tmp_path, platform=platform)
+    _flip_byte(rig.env_file, 10)
+    damaged = rig.env_file.read_bytes()
+    rig.sim.unwritable = {1}
+    assert rig.sim.boot() == "A"
+    assert rig.env_file.read_bytes() == damaged
+    assert printenv(rig.config) is None
+
+
+# --------------------------------------------------------------------------- a short uboot.env
+
+
+@pytest.mark.parametrize("length", [0, 0x100, 0x3FFF])
+def test_qemu_short_uboot_env_is_a_fresh_environment(tmp_path: Path, length: int) -> None:
+    """A uboot.env shorter than 0x4000 bytes: fw_printenv cannot read it, and env import -c would
+    take the rest of the CRC's span from leftover RAM. The preamble says so and boot.cmd writes a
+    fresh environment, which Linux can read again."""
+    rig = Rig(tmp_path, platform=QEMU_X86)
+    rig.uboot.arm("B")
+    rig.env_file.write_bytes(rig.env_file.read_bytes()[:length])
+    assert printenv(rig.config) is None
+    assert rig.sim.boot() == "A"
+    assert rig.sim.last.env_was_default
+    assert (
+        f"rpi-ab: uboot.env is short ({length:#x} of 0x4000 bytes): using the default environment"
+    ) in rig.sim.last.log
+    assert "rpi-ab: no valid rpi_slot (): writing a fresh environment, slot A" in rig.sim.last.log
+    assert rig.env_file.read_bytes() == env_image(IMAGE_ENV)
+
+
+def test_qemu_reads_the_first_0x4000_bytes_of_a_longer_uboot_env(tmp_path: Path) -> None:
+    """As fw_printenv and the Pi's U-Boot do: bytes past the environment's size are ignored."""
+    rig = Rig(tmp_path, platform=QEMU_X86)
+    rig.uboot.arm("B")
+    rig.env_file.write_bytes(rig.env_file.read_bytes() + b"\xff" * 0x1000)
+    assert printenv(rig.config) is not None
+    assert rig.sim.boot() == "B"
+    assert "rpi-ab: environment loaded from uboot.env" in rig.sim.last.log
+    assert rig.ab() == ("B", "1", "1")
+
+
 # --------------------------------------------------------------------------- redundant copies
 
 
@@ -470,17 +649,59 @@ def test_check_names_what_is_missing(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- boot.cmd itself
 
 
-def test_boot_cmd_compiles_with_mkimage(tmp_path: Path) -> None:
+def _node_shape(nodes: Block) -> list[object]:
+    """A parsed script without its line numbers and file names: what it runs."""
+    shape: list[object] = []
+    for node in nodes:
+        if isinstance(node, Command):
+            shape.append(node.words)
+        else:
+            branches = [(_node_shape(c), _node_shape(b)) for c, b in node.branches]
+            shape.append(("if", branches, _node_shape(node.orelse)))
+    return shape
+
+
+#: mkimage -A for each platform, and the legacy header's ih_arch it writes (IH_ARCH_*).
+MKIMAGE_ARCH = {PI.name: ("arm64", 22, "AArch64"), QEMU_X86.name: ("x86", 3, "Intel x86")}
+
+
+@pytest.mark.parametrize("chosen", [PI, QEMU_X86], ids=lambda platform: platform.name)
+def test_boot_scr_carries_exactly_the_script_ubootsim_runs(
+    tmp_path: Path, chosen: Platform
+) -> None:
+    """The platform's boot.scr, built as image-recipes/uboot/README.md says (the preamble and
+    boot.cmd concatenated, then mkimage -T script): a legacy script image whose header checks out
+    and whose one payload is the concatenated text, byte for byte, which U-Boot's ``source`` can
+    run (no NUL ends it early, no CR glued to a keyword) and which parses into the very program
+    the simulator interprets for that platform. (mkimage does not parse scripts: the content is
+    checked by parsing the payload here.)"""
     require(shutil.which("mkimage") is not None, "mkimage missing (package u-boot-tools)")
+    arch, ih_arch, arch_name = MKIMAGE_ARCH[chosen.name]
+    source = tmp_path / "boot.cmd"
+    source.write_bytes(b"".join(path.read_bytes() for path in chosen.scripts))
     scr = tmp_path / "boot.scr"
     result = subprocess.run(
-        ["mkimage", "-A", "arm64", "-O", "linux", "-T", "script", "-C", "none", "-d",
-         str(BOOT_CMD), str(scr)],
+        ["mkimage", "-A", arch, "-O", "linux", "-T", "script", "-C", "none", "-n", "rpi-ab boot",
+         "-d", str(source), str(scr)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "Script" in result.stdout
-    assert scr.stat().st_size > BOOT_CMD.stat().st_size  # the legacy header (64 bytes) + lengths
+    assert f"{arch_name} Linux Script (uncompressed)" in result.stdout
+    image = scr.read_bytes()
+    header, body = image[:64], image[64:]
+    magic, hcrc, _time, size, _load, _ep, dcrc = struct.unpack(">7I", header[:28])
+    assert magic == 0x27051956
+    assert zlib.crc32(header[:4] + b"\0" * 4 + header[8:]) == hcrc
+    assert (size, zlib.crc32(body)) == (len(body), dcrc)
+    assert tuple(header[28:32]) == (5, ih_arch, 6, 0)  # IH_OS_LINUX, arch, IH_TYPE_SCRIPT, none
+    assert header[32:64].rstrip(b"\0") == b"rpi-ab boot"
+    length, end = struct.unpack(">2I", body[:8])  # one part, then the 0 that ends the table
+    payload = body[8:]
+    assert (end, length) == (0, len(payload))
+    assert payload == source.read_bytes()
+    assert b"\0" not in payload and b"\r" not in payload and payload.endswith(b"\n")
+    program = UBootSim(make_env(tmp_path / "env"), platform=chosen).program
+    assert _node_shape(parse_script(payload.decode(), "boot.scr")) == _node_shape(program)
 
 
 def test_boot_cmd_and_backend_share_the_contract() -> None:
@@ -495,21 +716,6 @@ def test_boot_cmd_and_backend_share_the_contract() -> None:
     assert f"Keep it 1..{MAX_BOOTLIMIT}" in text
     assert "test ${bootcount} -gt ${bootlimit}" in text
     assert set(IMAGE_ENV) <= set_by_script  # the script has a default for every image variable
-
-
-def test_qemu_script_compiles_with_mkimage(tmp_path: Path) -> None:
-    """The VM's boot.scr: the preamble, then boot.cmd, as one x86 script image."""
-    require(shutil.which("mkimage") is not None, "mkimage missing (package u-boot-tools)")
-    source = tmp_path / "boot-qemu-x86.cmd"
-    source.write_text(QEMU_CMD.read_text() + BOOT_CMD.read_text())
-    scr = tmp_path / "boot.scr"
-    result = subprocess.run(
-        ["mkimage", "-A", "x86", "-O", "linux", "-T", "script", "-C", "none", "-d",
-         str(source), str(scr)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "Script" in result.stdout
 
 
 def test_preamble_saves_the_image_variables_and_leaves_the_disk_id_to_boot_cmd() -> None:
@@ -563,6 +769,12 @@ def test_boot_cmd_alone_needs_the_preamble_on_qemu(tmp_path: Path) -> None:
             ["1"],
         ),
         ("run none; echo after", ['## Error: "none" not defined', "after"]),
+        # run's status is the last command's, not "any failed" (boot.cmd's "if run rpi_save")
+        (
+            "setenv s 'test 1 = 2; test 1 = 1'; if run s; then echo last; else echo any; fi",
+            ["last"],
+        ),
+        ("setenv s 'test 1 = 1; test 1 = 2'; if run s; then echo last; else echo any; fi", ["any"]),
         (
             "setenv x 1; setenv y 'setenv x 2; test 1 = 1'; if run y; then echo ok ${x}; fi",
             ["ok 2"],
@@ -596,6 +808,39 @@ def test_hush_limits_the_simulator_enforces(tmp_path: Path) -> None:
         )
 
 
+def test_fatload_bytes_and_leftover_ram(tmp_path: Path) -> None:
+    """fatload FILE BYTES reads at most BYTES and sets filesize (hex) to what it read, as the
+    qemu-x86 ROM printed it (0x5000, 0x100 and 0x4000 byte files); reading past what was loaded
+    is leftover RAM, which the simulator refuses to make up."""
+    sim = UBootSim(make_env(tmp_path / "env"), platform=QEMU_X86)
+    (tmp_path / "env" / "long.env").write_bytes(env_image(IMAGE_ENV) + b"x" * 0x1000)
+    (tmp_path / "env" / "short.env").write_bytes(env_image(IMAGE_ENV)[:0x100])
+    load = "fatload virtio 0:1 0x3000000 {} {}; echo ${{filesize}}"
+    assert sim.execute(load.format("long.env", "0x4000")).log == ("4000",)
+    assert sim.execute(load.format("long.env", "")).log == ("5000",)
+    assert sim.execute(load.format("short.env", "0x4000")).log == ("100",)
+    ran = sim.execute(
+        load.format("long.env", "0x4000") + "; env import -c 0x3000000 0x4000 rpi_slot"
+    )
+    assert (ran.status, ran.env["rpi_slot"]) == (0, "A")
+    with pytest.raises(SimError, match="leftover RAM"):
+        sim.execute(load.format("short.env", "0x4000") + "; env import -c 0x3000000 0x4000")
+
+
+def test_unwritable_partition_fails_the_writes(tmp_path: Path) -> None:
+    config = make_env(tmp_path / "env")
+    before = (tmp_path / "env" / "uboot.env").read_bytes()
+    sim = UBootSim(config, platform=QEMU_X86, unwritable=[1])
+    ran = sim.execute(
+        "env export -c -s 0x4000 0x3000000 rpi_slot; "
+        "if fatwrite virtio 0:1 0x3000000 uboot.env 0x4000; then echo wrote; else echo failed; fi"
+    )
+    assert ran.log == ("** Unable to write file uboot.env **", "failed")
+    assert UBootSim(config, unwritable=[1]).execute("saveenv").status == 1
+    assert (tmp_path / "env" / "uboot.env").read_bytes() == before
+    assert UBootSim(config).execute("saveenv").status == 0
+
+
 def test_every_echo_is_an_rpi_ab_line() -> None:
     """The system test watches the serial console for "rpi-ab:" lines: every echo of both
     scripts, those in the preamble's run commands too, starts with it."""
@@ -610,6 +855,24 @@ def test_every_echo_is_an_rpi_ab_line() -> None:
     assert len(echoes) >= 6
     for c in echoes:
         assert c.words[1].startswith('"rpi-ab: '), (c.source, c.line, c.words)
+
+
+def test_readme_lists_every_console_line() -> None:
+    """image-recipes/uboot/README.md's table of console lines: each example is a line one of the
+    scripts prints, and each echo of the scripts has an example there."""
+    templates: dict[str, re.Pattern[str]] = {}
+    for path in (QEMU_CMD, BOOT_CMD):
+        for c in commands(parse_script(path.read_text(), path.name)):
+            if c.words[0] == "echo":
+                text = c.words[1].strip('"')
+                pattern = re.sub(r"\\\$\\\{\w+\\\}", ".*", re.escape(text))
+                templates[text] = re.compile(pattern)
+    readme = (BOOT_CMD.parent / "README.md").read_text()
+    examples = re.findall(r"^\| `(rpi-ab: [^`]*)` \|", readme, re.M)
+    unmatched = [e for e in examples if not any(t.fullmatch(e) for t in templates.values())]
+    assert not unmatched, unmatched
+    missing = [k for k, t in templates.items() if not any(t.fullmatch(e) for e in examples)]
+    assert not missing, missing
 
 
 def test_simulator_refuses_commands_it_does_not_know(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@
 #   upgrade_available  1 while rpi_slot is on trial (armed by the updater, not yet committed)
 #   bootcount          trial boots so far: counted here, reset to 0 by commit and by rollback
 #   bootlimit          trial boots allowed before the rollback (default 3). Keep it 1..8:
-#                      bootcount must stay a single digit (<= 9), see step 2
+#                      bootcount must stay a single digit (<= 9), see step 2. Any other value
+#                      counts as 3 (step 1)
 #   rpi_boot_A/B       boot partition (FAT: kernel) of each slot, 2 and 3
 #   rpi_root_A/B       root partition (ext4) of each slot, 5 and 6
 #   rpi_disk           the MBR disk signature, 8 hex digits: root=PARTUUID=${rpi_disk}-0N
@@ -24,8 +25,11 @@
 # THE PLATFORM CONTRACT: what a preamble may set before this file runs. Each one unset means the
 # Raspberry Pi, so boot.cmd alone is the Pi's script, and that is how the Pi runs it.
 #   rpi_save           commands ("run rpi_save") that store the A/B variables where fw_printenv
-#                      reads them. Unset: saveenv (the Pi's U-Boot keeps the whole environment
-#                      in uboot.env on partition 1)
+#                      reads them, and FAIL when they could not ("run" returns the status of the
+#                      last command the value ran, so the write must be the last, or an if whose
+#                      status is the write's). Unset: saveenv (the Pi's U-Boot keeps the whole
+#                      environment in uboot.env on partition 1; it returns 1 when it could not
+#                      write it)
 #   rpi_boot           commands ("run rpi_boot") that load and start the kernel of partition
 #                      ${rpi_bootpart}, with ${rpi_bootargs} on its command line; they return
 #                      only when they could not. Unset: the Pi's firmware device tree and command
@@ -33,6 +37,7 @@
 #   rpi_dev rpi_devnum the disk holding the slots' partitions. Unset: mmc 0
 #   rpi_kernel         as above; a preamble sets its platform's kernel file
 # This script hands to rpi_boot (helpers, set after the last save):
+#   rpi_saved          1 if step 2's save worked, 0 if not (set only on a trial boot)
 #   rpi_bootpart, rpi_rootpart  the chosen slot's partitions
 #   rpi_bootargs       "root=PARTUUID=${rpi_disk}-0${rpi_rootpart} rootwait rpi_updater.slot=${rpi_slot}":
 #                      the chosen root, and the slot the updater reads from /proc/cmdline
@@ -42,15 +47,23 @@
 # echo starts with "rpi-ab:" (tests watch the console for them).
 #
 # THE DECISION, in this order:
-#   1. Missing variables get defaults (in memory only). If rpi_slot is not A or B, the stored
-#      environment is new or unreadable (the Pi's U-Boot then runs on its built-in default after
-#      "bad CRC"; a preamble reports its own): slot A, no trial, and one save, so Linux can read
-#      a valid environment again.
+#   1. Missing variables get defaults (in memory only). A bootlimit that is not one of 1..8
+#      (9 or more would never roll back, 0 or junk would roll back at once) becomes 3, in memory
+#      (a save of this boot stores it). If rpi_slot is not A or B, the stored environment is new
+#      or unreadable (the Pi's U-Boot then runs on its built-in default after "bad CRC"; a
+#      preamble reports its own): slot A, no trial, and one save, so Linux can read a valid
+#      environment again.
 #   2. If upgrade_available=1: bootcount = bootcount + 1. If then bootcount > bootlimit, the
 #      trial slot failed bootlimit times: rpi_slot = the other slot, upgrade_available=0,
 #      bootcount=0 (the rollback). Then one save, BEFORE the kernel starts, so that a trial that
 #      hangs or panics has been counted. (One write per boot, not two: the count and the
-#      rollback land together, or neither does.)
+#      rollback land together, or neither does.) If that save fails (a damaged FAT, a failing
+#      write) on a trial boot, the count is lost, and a trial that panics would boot uncounted
+#      forever: so the trial slot does not boot. rpi_slot = the other slot, upgrade_available=0,
+#      bootcount=0 in memory only (no second save), and that slot boots; the stored environment
+#      still arms the trial, and Linux, booted on the old slot (rpi_updater.slot=), sees the
+#      trial as failed. If the rollback's save fails, the rolled-back slot boots all the same,
+#      and the next boot rolls back again.
 #   3. Boot rpi_slot: load the kernel from its boot partition and hand it ${rpi_bootargs} (the
 #      Pi keeps the firmware's device tree and command line, cmdline.txt on partition 1 without
 #      root=, and appends them). If the kernel cannot be started during a trial: reset (the next
@@ -78,6 +91,15 @@
 
 # --- 1. defaults -----------------------------------------------------------------------------
 if test -z "${bootlimit}"; then setenv bootlimit 3; fi
+# A bootlimit other than 1..8 counts as the default 3: with 9 or more a trial would never roll
+# back (bootcount stops at 9, step 2), with 0 or junk (read as 0) it would at once. Two tests,
+# as one command takes at most 16 words (CONFIG_SYS_MAXARGS).
+if test "${bootlimit}" != 1 -a "${bootlimit}" != 2 -a "${bootlimit}" != 3 -a "${bootlimit}" != 4; then
+    if test "${bootlimit}" != 5 -a "${bootlimit}" != 6 -a "${bootlimit}" != 7 -a "${bootlimit}" != 8; then
+        echo "rpi-ab: bootlimit ${bootlimit} is not 1..8: using 3"
+        setenv bootlimit 3
+    fi
+fi
 if test -z "${bootcount}"; then setenv bootcount 0; fi
 if test -z "${upgrade_available}"; then setenv upgrade_available 0; fi
 if test -z "${rpi_boot_A}"; then setenv rpi_boot_A 2; fi
@@ -124,7 +146,32 @@ if test "${upgrade_available}" = "1"; then
         setenv upgrade_available 0
         setenv bootcount 0
     fi
-    if test -n "${rpi_save}"; then run rpi_save; else saveenv; fi
+    # The save, and whether it worked (rpi_saved is a helper: set after the save, never stored).
+    if test -n "${rpi_save}"; then
+        if run rpi_save; then setenv rpi_saved 1; else setenv rpi_saved 0; fi
+    elif saveenv; then
+        setenv rpi_saved 1
+    else
+        setenv rpi_saved 0
+    fi
+    if test "${rpi_saved}" != "1"; then
+        if test "${upgrade_available}" = "1"; then
+            # The count is not stored: a trial that panics would come back uncounted, forever.
+            # Boot the other slot instead, in memory only (no second save); Linux sees it booted
+            # the old slot while the environment still arms the trial: a failed trial.
+            if test "${rpi_slot}" = "B"; then
+                echo "rpi-ab: cannot save the environment: not booting trial slot B uncounted, booting A"
+                setenv rpi_slot A
+            else
+                echo "rpi-ab: cannot save the environment: not booting trial slot A uncounted, booting B"
+                setenv rpi_slot B
+            fi
+            setenv upgrade_available 0
+            setenv bootcount 0
+        else
+            echo "rpi-ab: cannot save the environment: the rollback to slot ${rpi_slot} is not stored, the next boot rolls back again"
+        fi
+    fi
 fi
 
 # --- 3. boot the chosen slot --------------------------------------------------------------------

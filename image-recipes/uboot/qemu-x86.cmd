@@ -12,8 +12,9 @@
 #
 # What this U-Boot build lacks, and what stands in for it here:
 #   - no stored environment (CONFIG_ENV_IS_NOWHERE, no saveenv): uboot.env is read with fatload
-#     + "env import -c" and written with "env export -c -s 0x4000" + fatwrite, which is the
-#     format fw_printenv/fw_setenv use (CRC32, then name=value NUL-separated, 0x4000 bytes).
+#     (its first 0x4000 bytes; a shorter file counts as none) + "env import -c" and written with
+#     "env export -c -s 0x4000" + fatwrite, which is the format fw_printenv/fw_setenv use (CRC32,
+#     then name=value NUL-separated, 0x4000 bytes).
 #     Only the A/B variables (rpi_vars) go either way: U-Boot's defaults and every helper stay
 #     in memory, and a stray variable in the file cannot replace one set here.
 #   - no setexpr: boot.cmd counts without it.
@@ -34,10 +35,15 @@ setenv rpi_env_addr 0x3000000
 setenv rpi_env_size 0x4000
 setenv rpi_vars "rpi_slot upgrade_available bootcount bootlimit rpi_boot_A rpi_root_A rpi_boot_B rpi_root_B rpi_disk"
 
-# Load the stored environment. A missing file or a bad CRC leaves U-Boot's built-in default,
-# without rpi_slot: boot.cmd's fresh-environment case, as after "bad CRC" on the Pi.
-if fatload ${rpi_dev} ${rpi_devnum}:1 ${rpi_env_addr} uboot.env; then
-    if env import -c ${rpi_env_addr} ${rpi_env_size} ${rpi_vars}; then
+# Load the stored environment: its first rpi_env_size bytes, as the Pi's U-Boot and fw_printenv
+# read it. A missing file, a short one (fw_printenv cannot read it, and "env import" would take
+# the rest of the CRC's span from leftover RAM) or a bad CRC leaves U-Boot's built-in default,
+# without rpi_slot: boot.cmd's fresh-environment case, as after "bad CRC" on the Pi. fatload
+# sets filesize in hex without 0x.
+if fatload ${rpi_dev} ${rpi_devnum}:1 ${rpi_env_addr} uboot.env ${rpi_env_size}; then
+    if test "0x${filesize}" != "${rpi_env_size}"; then
+        echo "rpi-ab: uboot.env is short (0x${filesize} of ${rpi_env_size} bytes): using the default environment"
+    elif env import -c ${rpi_env_addr} ${rpi_env_size} ${rpi_vars}; then
         echo "rpi-ab: environment loaded from uboot.env"
     else
         echo "rpi-ab: uboot.env has a bad CRC: using the default environment"
@@ -47,7 +53,9 @@ else
 fi
 
 # The save: exactly the A/B variables, written over uboot.env whole. The single quotes keep the
-# ${} for "run" time.
+# ${} for "run" time. "run rpi_save" fails when the variables were not stored: run returns the
+# status of the last command the value ran (hush's run_list_real), here the if's, which is that
+# of env export when it fails and else of fatwrite. boot.cmd checks it.
 setenv rpi_save '
     if env export -c -s ${rpi_env_size} ${rpi_env_addr} ${rpi_vars}; then
         fatwrite ${rpi_dev} ${rpi_devnum}:1 ${rpi_env_addr} uboot.env ${rpi_env_size}

@@ -25,11 +25,18 @@ they differ from a POSIX shell (each checked against U-Boot 2023.01 at its promp
 - ``'`` inside ``"..."`` still quotes: ``"a '${x}' b"`` is ``a ${x} b``;
 - ``setenv name`` deletes, ``setenv name "${empty}"`` sets an empty value;
 - an ``if`` whose conditions all fail and that has no ``else`` returns the last condition's status;
-- ``run`` parses a variable's value as a script (``;`` and newlines separate commands) and stops
-  at the first variable that fails;
+- ``run`` parses a variable's value as a script (``;`` and newlines separate commands); its status
+  is that of the last command the value ran (``'false; true'`` succeeds), and of several variables
+  the first that fails ends it;
 - ``test`` is ported from ``cmd/test.c`` (fewer than 2 arguments is false, numbers by
   ``simple_strtol(s, NULL, 0)``), ``setexpr`` reads and writes hex;
-- a command takes at most CONFIG_SYS_MAXARGS (16) words, its name included.
+- a command takes at most CONFIG_SYS_MAXARGS (16) words, its name included;
+- ``fatload ... FILE BYTES`` loads at most BYTES and sets ``filesize`` (hex, no ``0x``) to what it
+  read; RAM past what was loaded is not zeros but leftovers, so reading it is a SimError.
+
+Writes can be made to fail, as on a damaged FAT: the partitions in :attr:`UBootSim.unwritable`
+refuse ``fatwrite``, and on the Pi partition 1 refuses ``saveenv`` (so does a failing
+``fw_setenv``); the command then returns 1, as U-Boot's does.
 
 Not covered: ``&&``/``||``, pipes, loops, backslashes (hush keeps them inside quotes), hush local
 variables (``name=value``), ``$?``.
@@ -44,7 +51,7 @@ import re
 import subprocess
 import tempfile
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,8 +63,10 @@ __all__ = [
     "IMAGE_ENV",
     "MAXARGS",
     "PI",
+    "PI_ENV_PARTITION",
     "QEMU_CMD",
     "QEMU_X86",
+    "Block",
     "Boot",
     "Command",
     "Executed",
@@ -119,6 +128,8 @@ QEMU_BOARD_ENV: dict[str, str] = {
 #: Where zboot's kernel decompresses itself: from LOAD_PHYSICAL_ADDR (16 MiB) over its init_size
 #: (0x3378000 for Debian's 6.1 cloud kernel, rounded up). An initrd there is overwritten.
 ZBOOT_DECOMPRESS = (0x1000000, 0x4400000)
+#: The partition the Pi's U-Boot keeps uboot.env on (ENV_FAT_DEVICE_AND_PART "0:1").
+PI_ENV_PARTITION = 1
 _MAX_RESETS = 16
 _MAX_RUN_DEPTH = 8
 
@@ -183,9 +194,10 @@ def printenv(config: Path, tool: str = "fw_printenv") -> dict[str, str] | None:
     return variables
 
 
-def _setenv(config: Path, script: str, tool: str, defaults: str | None) -> None:
+def _setenv(config: Path, script: str, tool: str, defaults: str | None) -> str | None:
     """One ``fw_setenv -s`` write; ``defaults`` (``-f``) lets it write over a bad CRC, as
-    U-Boot's ``saveenv`` writes a whole new environment whatever was stored."""
+    U-Boot's ``saveenv`` writes a whole new environment whatever was stored. The error, or None
+    when it wrote."""
     with tempfile.TemporaryDirectory(prefix="ubootsim-") as tmp:
         script_file = Path(tmp) / "script"
         script_file.write_text(script)
@@ -195,7 +207,8 @@ def _setenv(config: Path, script: str, tool: str, defaults: str | None) -> None:
             argv += ["-f", str(Path(tmp) / "defaults")]
         result = _tool(argv)
     if result.returncode != 0:
-        raise SimError(f"saveenv: {tool} exit {result.returncode}: {result.stderr.strip()}")
+        return f"{tool} exit {result.returncode}: {result.stderr.strip()}"
+    return None
 
 
 def _tool(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -603,8 +616,9 @@ class _Reset(Exception):  # control flow, not an error
 
 class _Memory:
     """RAM as the blobs written to it, by start address. A read sees the blob that starts at its
-    address (zeros past its end, as after a short fatload) or zeros; a write drops the blobs it
-    overlaps. Enough for load-then-use at fixed addresses, which is all a boot script does."""
+    address; past its end (after a short fatload) RAM holds whatever it held before, so such a
+    read is a SimError. A write drops the blobs it overlaps. Enough for load-then-use at fixed
+    addresses, which is all a boot script does."""
 
     def __init__(self) -> None:
         self.blobs: dict[int, bytes] = {}
@@ -615,7 +629,13 @@ class _Memory:
         self.blobs[addr] = data
 
     def read(self, addr: int, size: int) -> bytes:
-        return self.blobs.get(addr, b"")[:size].ljust(size, b"\0")
+        blob = self.blobs.get(addr, b"")
+        if len(blob) < size:
+            raise SimError(
+                f"reads {size:#x} bytes at {addr:#x}, but only {len(blob):#x} were loaded or "
+                "written there: the rest is leftover RAM, whatever it held"
+            )
+        return blob[:size]
 
 
 @dataclass
@@ -662,7 +682,8 @@ class UBootSim:
     ``fat`` maps partitions to directories standing in for FAT file systems (``fatload`` reads,
     ``fatwrite`` writes there); by default partition 1 is the directory of the env file. Other
     partitions hold any file asked for, except the partitions in ``missing_kernels``, which
-    hold none (a broken slot). ``cmdline_out``, when given, receives the command line of each
+    hold none (a broken slot). Writes to the partitions in ``unwritable`` fail (see
+    :attr:`unwritable`). ``cmdline_out``, when given, receives the command line of each
     boot, to hand to :class:`~updater.bootloader.uboot.UBoot` as its ``/proc/cmdline``.
     """
 
@@ -678,6 +699,7 @@ class UBootSim:
         builtin_env: Mapping[str, str] | None = None,
         tools: tuple[str, str] = ("fw_printenv", "fw_setenv"),
         fat: Mapping[int, Path] | None = None,
+        unwritable: Iterable[int] = (),
     ) -> None:
         self.config = fw_env_config
         self.platform = platform
@@ -695,6 +717,9 @@ class UBootSim:
             directory = _fat_directory(fw_env_config)
             fat = {} if directory is None else {1: directory}
         self.fat = dict(fat)
+        #: Partitions whose writes fail (a damaged FAT): fatwrite there, and on the Pi saveenv
+        #: (its uboot.env is on partition 1), return 1. May be changed between boots.
+        self.unwritable: set[int] = set(unwritable)
         self.boots: list[Boot] = []
         self._handlers: dict[str, Callable[[_Run, list[str]], int]] = {
             "setenv": self._setenv,
@@ -855,14 +880,23 @@ class UBootSim:
 
     def _saveenv(self, run: _Run, args: list[str]) -> int:
         """Write the whole in-memory environment, as U-Boot does: set every variable, delete
-        what was stored and is gone; over a bad CRC, start from nothing (``-f``)."""
+        what was stored and is gone; over a bad CRC, start from nothing (``-f``). Returns 1,
+        writing nothing, when partition 1 is :attr:`unwritable` or ``fw_setenv`` fails, as
+        U-Boot's ``saveenv`` returns 1 when its FAT write fails."""
         empty = sorted(name for name, value in run.env.items() if not value)
         if empty:
             raise SimError(f"saveenv of empty {empty}: fw_setenv cannot store that, not modelled")
+        where = f'Unable to write "uboot.env" from {self.platform.disk.replace(" ", "")}:1...'
+        if PI_ENV_PARTITION in self.unwritable:
+            run.log.append(f"Saving Environment to FAT... {where} Failed (1)")
+            return 1
         stored = printenv(self.config, self.printenv_tool)
         script = "".join(f"{name}={value}\n" for name, value in sorted(run.env.items()))
         script += "".join(f"{name}=\n" for name in sorted(stored or {}) if name not in run.env)
-        _setenv(self.config, script, self.setenv_tool, "" if stored is None else None)
+        error = _setenv(self.config, script, self.setenv_tool, "" if stored is None else None)
+        if error is not None:
+            run.log.append(f"Saving Environment to FAT... {where} Failed (1) [{error}]")
+            return 1
         run.log.append("Saving Environment to FAT... OK")
         return 0
 
@@ -936,8 +970,12 @@ class UBootSim:
         try:
             blob = env_image(chosen, size=size)
         except ValueError:
-            run.log.append("## Error: Cannot export environment: errno = 12")
-            return 1
+            # cmd/nvedit.c (2023.01) exports up to ENV_SIZE whatever SIZE says, and the CRC then
+            # covers only the first SIZE - 4 bytes: a silently cut environment.
+            raise SimError(
+                f"env export -c -s {args[1]}: the variables do not fit; U-Boot would write past "
+                "SIZE without an error (not modelled)"
+            ) from None
         run.memory.write(addr, blob)
         return 0
 
@@ -976,10 +1014,11 @@ class UBootSim:
         return directory / name
 
     def _fatload(self, run: _Run, args: list[str]) -> int:
-        """``fatload IFACE DEV:PART ADDR FILE``: a file of a directory partition, or on any
-        other partition a stand-in kernel (none on the ``missing_kernels`` partitions)."""
-        if len(args) != 4:
-            raise SimError(f"fatload {' '.join(args)}: expected 'IFACE DEV:PART ADDR FILE'")
+        """``fatload IFACE DEV:PART ADDR FILE [BYTES]``: a file of a directory partition, or on
+        any other partition a stand-in kernel (none on the ``missing_kernels`` partitions); at
+        most BYTES of it (hex), ``filesize`` what was read."""
+        if len(args) not in (4, 5):
+            raise SimError(f"fatload {' '.join(args)}: expected 'IFACE DEV:PART ADDR FILE [BYTES]'")
         partition = self._partition("fatload", args[0], args[1])
         addr, name = _hex(args[2]), args[3]
         path = self._fat_path(partition, name)
@@ -993,6 +1032,8 @@ class UBootSim:
         if data is None:
             run.log.append(f"Failed to load '{name}'")
             return 1
+        if len(args) == 5 and _hex(args[4]) != 0:  # 0: the whole file, as U-Boot reads it
+            data = data[: _hex(args[4])]
         run.memory.write(addr, data)
         run.loaded = {a: f for a, f in run.loaded.items() if a in run.memory.blobs}
         run.loaded[addr] = (partition, name)
@@ -1000,7 +1041,8 @@ class UBootSim:
         return 0
 
     def _fatwrite(self, run: _Run, args: list[str]) -> int:
-        """``fatwrite IFACE DEV:PART ADDR FILE SIZE``: SIZE bytes of memory replace the file."""
+        """``fatwrite IFACE DEV:PART ADDR FILE SIZE``: SIZE bytes of memory replace the file;
+        on an :attr:`unwritable` partition nothing is written and it returns 1."""
         if len(args) != 5:
             raise SimError(f"fatwrite {' '.join(args)}: expected 'IFACE DEV:PART ADDR FILE SIZE'")
         partition = self._partition("fatwrite", args[0], args[1])
@@ -1008,7 +1050,11 @@ class UBootSim:
         if path is None:
             raise SimError(f"fatwrite to partition {partition}: no directory stands in for it")
         size = _hex(args[4])
-        path.write_bytes(run.memory.read(_hex(args[2]), size))
+        data = run.memory.read(_hex(args[2]), size)
+        if partition in self.unwritable:
+            run.log.append(f"** Unable to write file {args[3]} **")
+            return 1
+        path.write_bytes(data)
         run.log.append(f"{size} bytes written")
         return 0
 
