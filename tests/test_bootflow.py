@@ -476,3 +476,28 @@ def test_a_reboot_command_ended_by_the_shutdown_it_started_counts_as_asked(
     assert info["state"] == "idle" and info["booted"] == "A" and info["primary"] == "A"
     last = info["last_result"]
     assert isinstance(last, dict) and "did not reach the health check" in str(last["reason"])
+
+
+def test_the_updater_stopped_by_the_shutdown_its_reboot_started_ends_quietly(
+    device: Device, harness: RebootHarness, docroot: Docroot, nginx: Nginx, trusted_dir: Path
+) -> None:
+    """The health check that rolls back reboots, and the shutdown stops the health check itself
+    (SIGTERM, as in the system test's VM): the rollback is done and saved, so the command ends
+    normally instead of asking to be run again."""
+    health_check(trusted_dir, ok=False)
+    task, _ = package(docroot, nginx, "a1")
+    assert device.run("install", str(device.task_file(task))).returncode == 0
+    assert harness.boot() == "B"
+    script = device.root / "reboot-stops-us"
+    script.write_text(f'#!/bin/sh\n"{harness.recorder}" "$@"\nkill -TERM $PPID\nexec sleep 5\n')
+    script.chmod(0o755)
+    device.write_config(reboot={"policy": "now", "command": [str(script), "{reboot_arg}"]})
+
+    checked = device.run("health-check")
+
+    assert "the reboot is under way" in checked.stderr, checked.stderr
+    assert "interrupted" not in checked.stderr, checked.stderr
+    assert harness.reboot_requests() == [""]  # back to the primary slot: no tryboot argument
+    assert harness.boot() == "A"
+    info = status(device)
+    assert info["state"] == "idle" and info["primary"] == "A"

@@ -537,6 +537,13 @@ class Flow:
         log.info("rebooting: %s", shlex.join(command))
         try:
             subprocess.run(command, check=True, timeout=60, stdin=subprocess.DEVNULL)
+        except KeyboardInterrupt as err:
+            # `rpi-updater` (cli.py) turns SIGTERM into KeyboardInterrupt("SIGTERM"): stopped
+            # while its reboot command ran, by the shutdown that command started. The state is
+            # saved; end normally rather than "interrupted ... run the same command again".
+            if str(err) != "SIGTERM":
+                raise
+            log.info("stopped (SIGTERM) while rebooting: the reboot is under way")
         except subprocess.CalledProcessError as err:
             # Killed by the shutdown it started: systemd stops the service's processes, this
             # command too (without logind, `systemctl reboot` waits for the reboot job until
