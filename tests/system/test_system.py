@@ -17,7 +17,9 @@ on the same machine, as one device lives them:
 4. a power cut (qemu killed) in the middle of the root file system's download: the machine
    boots again, the updater resumes the download where the journal says, and completes the
    update; a second power cut in its trial boot, before the health check: U-Boot counts a
-   second trial boot, which commits.
+   second trial boot, which commits;
+5. a forged package (the signed manifest edited, the signature kept): refused with step -3
+   after fetching only the manifest; the inactive slot untouched, no reboot.
 
 What it does not prove: the Raspberry Pi firmware's tryboot (no VM has it; the tryboot backend
 is tested against a model of its documented behaviour, tests/harness/pifirmware.py), the Pi's
@@ -29,6 +31,10 @@ cached). Each scenario has its own time limit; a failure shows the serial consol
 
 from __future__ import annotations
 
+import base64
+import copy
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -501,3 +507,56 @@ def test_4_power_cuts_during_the_download_and_the_trial_boot_are_survived(world:
         f"power cut at byte {cut_at} of {rootfs['fileSize']} of rootfs.img (zstd); resumed at "
         f"{offset}: {cut_at - offset} bytes fetched twice"
     )
+
+
+def test_5_a_forged_package_is_refused_before_anything_is_written(world: World) -> None:
+    """Package a4b4c4 as someone with the bucket and the topic but not the key would change it:
+    another rootfs.img, the signed manifest's digest edited to match, the signature kept. The
+    installed package's defaults (signatures required, the keyring in /etc) refuse it: step -3,
+    only the manifest fetched, the inactive slot untouched, no reboot."""
+    genuine = world.nginx.root / "4"
+    forged = world.nginx.root / "5"
+    shutil.copytree(genuine, forged)
+    backdoor = b"a root file system with a backdoor\n"
+    (forged / "rootfs.img").write_bytes(backdoor)
+    digest = hashlib.sha256(backdoor).hexdigest()
+    envelope = json.loads((genuine / "manifest.json").read_bytes())
+    body = json.loads(base64.b64decode(envelope["payload"]))
+    for entry in body["files"]:
+        if entry["name"] == "rootfs.img":
+            entry.update(size=len(backdoor), sha256=digest, version="b5")
+            for key in ("encoding", "encoded_size", "encoded_sha256"):
+                entry.pop(key, None)
+    body["version"] = "a4b5c4"
+    envelope["payload"] = base64.b64encode(json.dumps(body).encode()).decode()
+    manifest = json.dumps(envelope).encode()
+    (forged / "manifest.json").write_bytes(manifest)
+    task = copy.deepcopy(world.packages["4"])
+    task["id"] = int(time.time() * 1000)
+    task["data"]["version"] = "a4b5c4"
+    task["data"]["extData"]["versions"]["rootfs.img"] = "b5"
+    for entry in task["data"]["files"]:
+        entry["fileUrl"] = f"https://{HOST_IP}:{world.proxy.port}/5/{entry['fileName']}"
+        if entry["fileName"] == "manifest.json":
+            entry["fileSize"], entry["fileSign"] = (
+                len(manifest),
+                hashlib.sha256(manifest).hexdigest(),
+            )
+        elif entry["fileName"] == "rootfs.img":
+            entry["fileSize"], entry["fileSign"] = len(backdoor), digest
+    world.packages["5"] = task
+    inactive_boot = partition(world.disk, 3, LAYOUT.boot * MiB)  # slot B's, after scenario 4
+    boots = world.machine.boots
+    world.proxy.clear()
+
+    world.push("5")
+
+    refusal = world.wait(
+        lambda k, p: k == "progress" and p.get("step") in FAILED_STEPS, BOOT, "the refusal"
+    )
+    assert refusal["step"] == "-3", refusal
+    assert "does not verify" in refusal["desc"], refusal
+    time.sleep(5)  # anything that still followed the refusal would have started by now
+    assert [r.path for r in world.proxy.requests] == ["/5/manifest.json"]
+    assert partition(world.disk, 3, LAYOUT.boot * MiB) == inactive_boot
+    assert world.machine.boots == boots, "the device rebooted"
