@@ -603,7 +603,10 @@ SHUTDOWN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGKILL})
 
 
 def system_stopping() -> bool:
-    """systemd says the system is going down (``systemctl is-system-running``: stopping)."""
+    """systemd says the system is going down (``systemctl is-system-running``: stopping).
+
+    Not :func:`updater.health._run` (a fixed PATH): this asks the same ``systemctl`` the reboot
+    command just ran, found the same way."""
     try:
         result = subprocess.run(
             ["systemctl", "is-system-running"],

@@ -37,8 +37,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,7 +46,7 @@ from typing import Any
 import pytest
 
 from tests.harness import Fault, FaultProxy, Mosquitto, Nginx, Recorder, make_tls_files, require
-from tests.harness.debroot import REPO, Built, build_package
+from tests.harness.debroot import Built, build_package
 from tests.harness.mosquitto import Seen
 from tests.system.conftest import CONSOLES
 from tests.system.image import (
@@ -65,6 +63,7 @@ from tests.system.image import (
     partition,
 )
 from tests.system.vm import VM
+from updater.bundle import write_key_pair
 
 PK, DN = "a1B2c3D4e5F", "vm-0001"
 MiB = 1 << 20
@@ -245,20 +244,6 @@ class World:
         return task
 
 
-def _updater(*args: str, cwd: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "updater.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        check=False,
-        timeout=120,
-    )
-    assert proc.returncode == 0, f"rpi-updater {' '.join(args)}: {proc.stderr}"
-    return proc.stdout
-
-
 def _guest_config(broker: Mosquitto) -> dict[str, object]:
     """/etc/rpi-updater/config.yaml of the device: the production defaults (signatures, TLS
     verification, no downgrades) and the U-Boot backend."""
@@ -345,8 +330,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     started = time.monotonic()
     built = build_package(work / "dist")
     tls = make_tls_files(work / "tls", extra_ips=[HOST_IP])
-    _updater("keygen", "--out", str(work / "keys"), "--name", KEY_NAME, cwd=work)
-    key = work / "keys" / f"{KEY_NAME}.key"
+    key, pub, _ = write_key_pair(work / "keys", KEY_NAME)  # what `rpi-updater keygen` does
     with (
         Nginx(work / "www", tls, work / "nginx") as nginx,
         FaultProxy(nginx.plain_port, tls) as proxy,
@@ -357,7 +341,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             built,
             work,
             config=_guest_config(broker),
-            files=_guest_files(tls.ca_file, broker, work / "keys" / f"{KEY_NAME}.pub"),
+            files=_guest_files(tls.ca_file, broker, pub),
             enable=[RELEASE_UNIT],
         )
         disk = work / "disk.img"
